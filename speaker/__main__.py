@@ -1,0 +1,3 @@
+from speaker.cli import exit_main
+
+exit_main()

@@ -1,0 +1,1 @@
+"""Built-in sinks: one component per module, named like its type."""

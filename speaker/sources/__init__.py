@@ -1,0 +1,1 @@
+"""Built-in sources: one component per module, named like its type."""

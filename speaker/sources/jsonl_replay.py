@@ -1,0 +1,64 @@
+"""Replay events recorded by the ``jsonl`` sink."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import aiofiles
+
+from speaker.component import Output, Source
+from speaker.errors import ComponentError
+from speaker.events import Event, event_from_dict
+from speaker.options import option
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlReplayOptions:
+    path: Path = option(help="JSON lines file written by the jsonl sink.")
+    skip_invalid: bool = option(
+        False, help="Skip lines that are not valid events (counted in the log) instead of failing."
+    )
+
+
+class JsonlReplay(Source):
+    """Read events from a JSON lines file, one event per line, and emit them in order."""
+
+    type_name = "jsonl_replay"
+    Options = JsonlReplayOptions
+    emits = (Event,)
+
+    async def run(self, output: Output) -> None:
+        path = self.options.path
+        skipped = 0
+        emitted = 0
+        try:
+            handle = await aiofiles.open(path, encoding="utf-8")
+        except OSError as exc:
+            raise ComponentError(f"cannot open {path}: {exc.strerror}") from exc
+        async with handle:
+            number = 0
+            batch: list[Event] = []
+            async for line in handle:
+                number += 1
+                if not line.strip():
+                    continue
+                try:
+                    batch.append(event_from_dict(json.loads(line)))
+                except (ValueError, TypeError) as exc:
+                    if not self.options.skip_invalid:
+                        raise ComponentError(
+                            f"{path}:{number}: invalid event: {exc}; fix the line or set skip_invalid = true"
+                        ) from exc
+                    skipped += 1
+                    continue
+                if len(batch) >= 256:
+                    await output.send_many(batch)
+                    emitted += len(batch)
+                    batch = []
+            await output.send_many(batch)
+            emitted += len(batch)
+        if skipped:
+            self.log.warning("invalid_lines_skipped", path=str(path), skipped=skipped)
+        self.log.info("replay_finished", path=str(path), events=emitted)

@@ -1,0 +1,1 @@
+"""Built-in stages: one component per module, named like its type."""
