@@ -1,0 +1,4 @@
+#!/bin/sh
+# Build the demo images once, before the tests time themselves.
+set -eu
+images/build.sh
