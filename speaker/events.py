@@ -159,6 +159,8 @@ class SyscallRecord(Event):
     #: The kernel's timestamp of the record, in seconds since the epoch.
     record_time: float = 0.0
     source: str = ""
+    #: Phase the record belongs to, set by the ``phase_machine`` stage.
+    phase: Phase | None = None
 
 
 @_event
@@ -174,6 +176,8 @@ class SyscallCounts(Event):
     end_time: float
     counts: Mapping[SyscallKey, int]
     source: str = ""
+    #: Phase the counts belong to, set by the ``phase_machine`` stage.
+    phase: Phase | None = None
 
 
 @_event
