@@ -64,8 +64,9 @@ class Output:
 
     async def send(self, event: Event) -> None:
         """Send one event downstream, waiting while a consumer's buffer is full."""
-        self._pending.append(event)
-        if self.autoflush or len(self._pending) >= self._max_batch:
+        pending = self._pending
+        pending.append(event)
+        if self.autoflush or len(pending) >= self._max_batch:
             await self.flush()
 
     async def send_many(self, events: Iterable[Event]) -> None:
@@ -195,7 +196,8 @@ class Stage(Component):
     """A transformer: consumes events from its inputs and emits new ones.
 
     Most stages implement ``process`` (called once per event) and, if they
-    hold state, ``finish`` (called once when every input has ended). A stage
+    hold state, ``finish`` (called once when every input has ended). Stages
+    on hot paths may override ``process_batch`` instead. A stage
     that needs timers sets ``tick_interval`` and implements ``tick``. A stage
     with its own concurrency can override ``run`` as a whole.
     """
@@ -246,13 +248,18 @@ class Stage(Component):
                 continue
             output.autoflush = False
             try:
-                for event in batch:
-                    await self.process(event, output)
+                await self.process_batch(batch, output)
             finally:
                 output.autoflush = True
             await output.flush()
         await self.finish(output)
         await output.flush()
+
+    async def process_batch(self, batch: Batch, output: Output) -> None:
+        """Call ``process`` for each event; override to handle a whole batch at once on hot paths."""
+        process = self.process
+        for event in batch:
+            await process(event, output)
 
 
 class Sink(Component):

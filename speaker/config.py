@@ -136,7 +136,11 @@ class _LineIndex:
             section, _, name = table.partition(".")
             if (section, name) in self.keys:
                 return self.keys[(section, name)]
-        return self.tables.get(table)
+        if table in self.tables:
+            return self.tables[table]
+        # A table that only appears as a prefix, such as [source] in [source.gen].
+        nested = [line for name, line in self.tables.items() if name.startswith(table + ".")]
+        return min(nested) if nested else None
 
 
 @dataclasses.dataclass

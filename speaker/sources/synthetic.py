@@ -27,12 +27,19 @@ class Synthetic(Source):
     type_name = "synthetic"
     Options = SyntheticOptions
     emits = (SyscallRecord,)
+    # It checks ``stopping`` between batches, so a stop never cuts a batch in half.
+    drain_timeout = 5.0
 
     async def run(self, output: Output) -> None:
+        self.emitted = 0
+        try:
+            await self._emit(output, self.options.syscalls, time.monotonic())
+        finally:
+            self.log.info("synthetic_finished", records=self.emitted)
+
+    async def _emit(self, output: Output, numbers: list[int], started: float) -> None:
         options = self.options
-        numbers = options.syscalls
         serial = 0
-        started = time.monotonic()
         while not self.stopping.is_set() and (options.count == 0 or serial < options.count):
             size = options.batch if options.count == 0 else min(options.batch, options.count - serial)
             now = time.time()
@@ -48,13 +55,13 @@ class Synthetic(Source):
                 )
                 for index in range(size)
             ]
-            serial += size
             await output.send_many(batch)
+            serial = self.emitted = serial + size
             if options.rate > 0:
                 delay = started + serial / options.rate - time.monotonic()
                 if delay > 0:
-                    await anyio.sleep(delay)
+                    with anyio.move_on_after(delay):
+                        await self.stopping.wait()
             else:
                 # Yield so that a stop request or a signal gets through.
                 await anyio.lowlevel.checkpoint()
-        self.log.info("synthetic_finished", records=serial)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from speaker.component import Output, Stage
+from speaker.component import Batch, Output, Stage
 from speaker.events import Event, event_types
 from speaker.options import OptionError, option
 
@@ -38,8 +38,12 @@ class Select(Stage):
         self._prefixes = tuple(self.options.containers)
 
     async def process(self, event: Event, output: Output) -> None:
-        if self._types and not isinstance(event, self._types):
-            return
-        if self._prefixes and not event.container_id.startswith(self._prefixes):
-            return
-        await output.send(event)
+        await self.process_batch((event,), output)
+
+    async def process_batch(self, batch: Batch, output: Output) -> None:
+        selected = batch
+        if self._types:
+            selected = [event for event in selected if isinstance(event, self._types)]
+        if self._prefixes:
+            selected = [event for event in selected if event.container_id.startswith(self._prefixes)]
+        await output.send_many(selected)
