@@ -1,8 +1,8 @@
 #!/bin/sh
-# Prepare a fresh Debian 12 or Ubuntu 22.04+ machine for SPEAKER, as root:
-# install Docker, audit and build tools from the distribution, start the
-# Docker daemon, create .venv with SPEAKER installed, and build the demo
-# images (speaker-demo/redis, nginx, postgres) from Debian packages.
+# Prepare a fresh Debian 12 or Ubuntu 22.04+ machine for SPEAKER, as root.
+# It installs Docker, audit and build tools from the distribution and starts
+# the Docker daemon. Then it creates .venv with SPEAKER installed and builds
+# the demo images (speaker-demo/redis, nginx, postgres) from Debian packages.
 #
 # It changes nothing that is already set up: an existing
 # /etc/docker/daemon.json is kept, and a running dockerd is used as it is.

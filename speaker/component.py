@@ -40,7 +40,7 @@ class NoOptions:
 
 
 class Output:
-    """Where a component sends its events: every downstream consumer's stream.
+    """The streams from one component to each of its downstream consumers.
 
     Each consumer receives only the event types it accepts. A consumer that
     has stopped (its stream is closed) is dropped, so that one failing sink

@@ -69,7 +69,7 @@ class PipelineSettings:
         256, min=1, max=65536, help="Maximum events per batch on an edge; larger batches cost less per event."
     )
     buffer: int = option(
-        8, min=0, max=4096, help="Batches an edge holds before its producer waits (the backpressure bound)."
+        8, min=0, max=4096, help="Batches an edge buffers before its producer waits (the backpressure bound)."
     )
     teardown_timeout: Duration = option(
         Duration.parse("10s"), help="Maximum time each component's teardown may take after a stop or an error."
@@ -157,9 +157,11 @@ class _Loader:
         return ConfigError(message, path=self.path, line=line, table=table, key=key)
 
     def _override_for(self, table: str, key: str) -> str | None:
-        wanted = tuple(table.split(".")) + ((re.split(r"[.\[]", key, maxsplit=1)[0],) if key else ())
+        if not key:
+            return None
+        key_path = tuple(table.split(".")) + (re.split(r"[.\[]", key, maxsplit=1)[0],)
         for path, text in self.overrides.items():
-            if path[: len(wanted)] == wanted and key:
+            if path[: len(key_path)] == key_path:
                 return text
         return None
 

@@ -41,10 +41,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_backpressure_bounds_queue_and_slows_source(tmp_path: Path) -> None:
-    # One event per batch (the source sends them one at a time), buffer of 4
-    # batches, a sink that takes 10 ms per batch: the source can never be more
-    # than the buffer plus the batch in the sink's hands plus the one it is
-    # sending ahead of the sink.
+    # The source sends one event per batch, the edge buffers 4 batches, and
+    # the sink takes 10 ms per batch. So the source can be ahead of the sink
+    # by at most the buffer, the batch in the sink's hands and one in flight.
     sent_log = tmp_path / "sent.jsonl"
     received_log = tmp_path / "received.jsonl"
     pipeline = write_pipeline(
