@@ -20,8 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import signal
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 import anyio
 import structlog
@@ -83,6 +82,16 @@ class PipelineContext:
     @property
     def stop_requested(self) -> bool:
         return self._engine.stop_reason is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Return why the pipeline is stopping, or None while it runs."""
+        return self._engine.stop_reason
+
+    @property
+    def failed_components(self) -> list[str]:
+        """Return the names of the components that have raised so far."""
+        return [failure.component for failure in self._engine.failures]
 
     def report_problem(self, code: ExitCode, message: str) -> None:
         """Make the pipeline exit with ``code`` (unless a worse one is set) and print ``message`` at exit."""
@@ -333,9 +342,4 @@ async def run_pipeline(spec: PipelineSpec, *, handle_signals: bool = True) -> Pi
     engine = Engine(spec, handle_signals=handle_signals)
     engine.build()
     return await engine.run()
-
-
-def describe(spec: PipelineSpec) -> Mapping[str, Any]:
-    """Summarize the graph for logs: each component's type and inputs."""
-    return {name: {"type": item.type_name, "inputs": list(item.inputs)} for name, item in spec.components.items()}
 

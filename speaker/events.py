@@ -1,10 +1,10 @@
 """Event types that flow between pipeline components.
 
 Every event is an immutable dataclass that carries the id of the container it
-concerns (empty when not yet attributed) and two timestamps taken when the
-event was made: ``wall_time`` (seconds since the epoch, for reports and for
-matching other logs) and ``mono_time`` (``time.monotonic()``, for measuring
-intervals that a clock step must not distort).
+concerns, empty when not yet attributed. It also carries two timestamps taken
+when it was made: ``wall_time`` (seconds since the epoch, for reports and for
+matching other logs) and ``mono_time`` (``time.monotonic()``, for intervals
+that a clock step must not distort).
 
 Components declare the event types they accept and emit, and the pipeline
 validator checks each ``inputs`` edge against those declarations before
@@ -182,7 +182,7 @@ class SyscallCounts(Event):
 
 @_event
 class RecordLoss(Event):
-    """Syscall observations that a source knows it missed or could not parse.
+    """Syscall observations that a source detected as missed or unparsable.
 
     Any loss makes the traced profile incomplete. ``reason`` is a stable token:
     ``enobufs``, ``serial_gap``, ``kernel_lost``, ``garbled``, ``rotated_away``,
@@ -239,6 +239,24 @@ class PhaseChange(Event):
     previous: Phase | None = None
     reason: str = ""
     detector: str = ""
+    #: Wall-clock time at which the phase began (kernel record times are
+    #: compared with it), 0.0 when unknown. ``wall_time`` is when the change
+    #: was decided, which can be later.
+    start_time: float = 0.0
+
+
+@_event
+class TraceIncomplete(Event):
+    """A container's trace misses part of its life, so its profile must be marked incomplete.
+
+    ``reason`` is a stable token: ``detector_timeout`` (not found ready in
+    time), ``exited_while_booting``, ``stopped_while_booting`` or
+    ``ended_while_booting`` (the trace ended first).
+    ``detail`` is a sentence for people.
+    """
+
+    reason: str
+    detail: str = ""
 
 
 @_event
@@ -246,7 +264,8 @@ class CompiledFilter(Event):
     """A seccomp BPF program compiled from a profile.
 
     ``layout`` is ``phase`` for a filter that enforces one phase's list on its
-    own, or ``notify`` for the user-notification layout, where ``allowed`` runs
+    own, ``union`` for one that allows all phases' lists, or ``notify`` (or
+    ``notify-exact``) for the user-notification layout, where ``allowed`` runs
     in the kernel and ``notified`` goes to the supervisor. ``bpf`` is the raw
     program (struct sock_filter array, 8 bytes per instruction) for all of
     ``arches``. An empty ``container_id`` means the filter applies to every
@@ -262,6 +281,9 @@ class CompiledFilter(Event):
     bpf: bytes = b""
     #: Phase lists the filter was made from, for consumers that decide per phase.
     phase_lists: Mapping[Phase, frozenset[str]] = dataclasses.field(default_factory=dict)
+    #: Syscalls whose action a safety invariant set, with that action, such as
+    #: ``{"exit_group": "allow", "clone3": "errno:ENOSYS"}``.
+    invariants: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @_event

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 
@@ -31,34 +32,37 @@ class JsonlReplay(Source):
 
     async def run(self, output: Output) -> None:
         path = self.options.path
-        skipped = 0
-        emitted = 0
         try:
-            handle = await aiofiles.open(path, encoding="utf-8")
+            async with aiofiles.open(path, encoding="utf-8") as handle:
+                emitted, skipped = await self._replay(handle, output)
         except OSError as exc:
-            raise ComponentError(f"cannot open {path}: {exc.strerror}") from exc
-        async with handle:
-            number = 0
-            batch: list[Event] = []
-            async for line in handle:
-                number += 1
-                if not line.strip():
-                    continue
-                try:
-                    batch.append(event_from_dict(json.loads(line)))
-                except (ValueError, TypeError) as exc:
-                    if not self.options.skip_invalid:
-                        raise ComponentError(
-                            f"{path}:{number}: invalid event: {exc}; fix the line or set skip_invalid = true"
-                        ) from exc
-                    skipped += 1
-                    continue
-                if len(batch) >= 256:
-                    await output.send_many(batch)
-                    emitted += len(batch)
-                    batch = []
-            await output.send_many(batch)
-            emitted += len(batch)
+            raise ComponentError(f"cannot read {path}: {exc.strerror}") from exc
         if skipped:
             self.log.warning("invalid_lines_skipped", path=str(path), skipped=skipped)
         self.log.info("replay_finished", path=str(path), events=emitted)
+
+    async def _replay(self, handle: Any, output: Output) -> tuple[int, int]:
+        """Emit the events of an open file; return how many were emitted and skipped."""
+        path = self.options.path
+        emitted = skipped = number = 0
+        batch: list[Event] = []
+        async for line in handle:
+            number += 1
+            if not line.strip():
+                continue
+            try:
+                batch.append(event_from_dict(json.loads(line)))
+            except (ValueError, TypeError) as exc:
+                if not self.options.skip_invalid:
+                    raise ComponentError(
+                        f"{path}:{number}: invalid event: {exc}; fix the line or set skip_invalid = true"
+                    ) from exc
+                skipped += 1
+                continue
+            if len(batch) >= 256:
+                await output.send_many(batch)
+                emitted += len(batch)
+                batch = []
+        await output.send_many(batch)
+        emitted += len(batch)
+        return emitted, skipped

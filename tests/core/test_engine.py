@@ -321,3 +321,34 @@ def test_components_lists_schemas() -> None:
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip("SPEAKER runs on Linux only")
+
+
+def test_jsonl_replay_round_trip(tmp_path: Path) -> None:
+    recorded = tmp_path / "recorded.jsonl"
+    replayed = tmp_path / "replayed.jsonl"
+    record = write_pipeline(
+        tmp_path / "record.toml",
+        f'[sources.gen]\ntype = "synthetic"\ncount = 600\n\n[sinks.out]\ntype = "jsonl"\ninputs = ["gen"]\npath = "{recorded}"\n',
+    )
+    replay = write_pipeline(
+        tmp_path / "replay.toml",
+        f'[sources.file]\ntype = "jsonl_replay"\npath = "{recorded}"\n\n'
+        f'[sinks.out]\ntype = "jsonl"\ninputs = ["file"]\npath = "{replayed}"\n',
+    )
+    assert run_cli("run", str(record)).returncode == 0
+    result = run_cli("run", str(replay))
+    assert result.returncode == 0, result.stderr
+    assert replayed.read_text() == recorded.read_text()
+    assert len(read_jsonl(replayed)) == 600
+
+
+def test_jsonl_replay_names_bad_line(tmp_path: Path) -> None:
+    recorded = tmp_path / "broken.jsonl"
+    recorded.write_text('{"type": "PhaseChange", "container_id": "x", "phase": "running"}\n{"type": "Nope"}\n')
+    replay = write_pipeline(
+        tmp_path / "replay.toml",
+        f'[sources.file]\ntype = "jsonl_replay"\npath = "{recorded}"\n\n[sinks.out]\ntype = "count"\ninputs = ["file"]\n',
+    )
+    result = run_cli("run", str(replay))
+    assert result.returncode == ExitCode.FAILED
+    assert f"{recorded}:2: invalid event: unknown event type 'Nope'" in result.stderr

@@ -1,0 +1,193 @@
+"""Write one profile directory per traced container."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import time
+from pathlib import Path
+from typing import Literal
+
+import anyio
+
+from speaker.compile.actions import Action, parse_errno
+from speaker.compile.plan import DEFAULT_INVARIANTS, INVARIANTS, CompileSettings
+from speaker.component import Batch, Sink
+from speaker.engine import ExitCode
+from speaker.errors import ComponentError
+from speaker.events import (
+    PHASES,
+    ContainerEvent,
+    PhaseChange,
+    RecordLoss,
+    SyscallCounts,
+    SyscallRecord,
+    TraceIncomplete,
+)
+from speaker.options import Duration, OptionError, option
+from speaker.profiles.builder import ContainerProfile, ProfileBuilder
+from speaker.profiles.directory import write_profile_dir
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileFilesOptions:
+    directory: Path = option(
+        Path("profiles"),
+        help="Directory that receives one subdirectory per traced container, named after the container "
+        "(or its short id when it has no name). Created if missing; files of the same name are replaced.",
+    )
+    default_action: Literal["kill-process", "errno", "log"] = option(
+        "kill-process", help="Action of the Docker seccomp profiles for syscalls a phase does not list."
+    )
+    errno: str = option("EPERM", help='Errno that denied syscalls return when default_action is "errno", such as "EPERM" or "1".')
+    invariants: list[str] = option(
+        list(DEFAULT_INVARIANTS),
+        help="Safety invariants added to the Docker profiles: "
+        + ", ".join(f"{name} ({item.action})" for name, item in INVARIANTS.items())
+        + ". Remove a name to switch it off.",
+    )
+    arch_lists: Literal["observed", "shared"] = option(
+        "observed",
+        help='"observed": each architecture allows the syscalls traced on it; "shared": every architecture '
+        "allows the union, as Docker profiles do.",
+    )
+    listener_path: str = option(
+        "", help="Socket path of the notify supervisor; when set, docker-notify.json with the notify layout is written too."
+    )
+    write_interval: Duration = option(
+        Duration.parse("10s"),
+        min=0,
+        help="Maximum time a changed profile waits before it is rewritten while the trace runs, so an abort "
+        "loses at most this much. Profiles are also written when their container exits and at the end.",
+    )
+
+
+def compile_settings(options: ProfileFilesOptions) -> CompileSettings:
+    """Return the compile settings the options describe. Raises ValueError for an invalid errno or invariant."""
+    action = Action.parse(f"errno:{options.errno}" if options.default_action == "errno" else options.default_action)
+    return CompileSettings(default_action=action, invariants=tuple(options.invariants), arch_lists=options.arch_lists)
+
+
+class ProfileFiles(Sink):
+    """Write each traced container's profile: phase lists, profile.json and Docker seccomp profiles.
+
+    Profiles are written while the trace runs (see ``write_interval``), when a
+    container exits, and when the pipeline ends, including after a failure.
+    A profile that lost records, never reached a phase, or ended early is
+    still written, marked incomplete, and the pipeline exits with code 3.
+    """
+
+    type_name = "profile_files"
+    Options = ProfileFilesOptions
+    accepts = (SyscallCounts, SyscallRecord, PhaseChange, ContainerEvent, RecordLoss, TraceIncomplete)
+
+    @classmethod
+    def check_options(cls, options: ProfileFilesOptions) -> None:
+        try:
+            parse_errno(options.errno)
+        except ValueError as exc:
+            raise OptionError(str(exc), "errno") from None
+        for index, name in enumerate(options.invariants):
+            if name not in INVARIANTS:
+                raise OptionError(
+                    f"unknown safety invariant {name!r}: known invariants are {', '.join(INVARIANTS)}",
+                    f"invariants[{index}]",
+                )
+
+    async def setup(self) -> None:
+        self._settings = compile_settings(self.options)
+        directory = self.options.directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ComponentError(f"cannot create the profile directory {directory}: {exc.strerror}") from exc
+        docker_version = await _docker_version()
+        self._builder = ProfileBuilder(source=f"pipeline {self.context.spec.path}", docker_version=docker_version)
+        self._directories: dict[str, Path] = {}
+        self._last_write = time.monotonic()
+        self._reported: set[str] = set()
+        self._exited: set[str] = set()
+
+    async def write_batch(self, batch: Batch) -> None:
+        exited = []
+        for event in batch:
+            entry = self._builder.add(event)
+            if entry is not None and entry.exited and event.container_id not in self._exited:
+                self._exited.add(event.container_id)
+                exited.append(event.container_id)
+        for container_id in exited:
+            await self._write(container_id)
+        if time.monotonic() - self._last_write >= self.options.write_interval:
+            await self._write_changed()
+
+    async def flush(self) -> None:
+        # TODO: the engine does not tell sinks why the pipeline stopped, so the
+        # profile of a failed trace names the phases it missed, not the failure.
+        await self._write_changed(final=True)
+
+    async def _write_changed(self, final: bool = False) -> None:
+        self._last_write = time.monotonic()
+        for container_id, entry in list(self._builder.containers.items()):
+            if entry.dirty or final:
+                await self._write(container_id, final=final)
+
+    async def _write(self, container_id: str, final: bool = False) -> None:
+        entry = self._builder.containers[container_id]
+        entry.dirty = False
+        profile = self._builder.profile(container_id)
+        directory = self._directory_for(container_id, entry)
+        try:
+            write = functools.partial(write_profile_dir, listener_path=self.options.listener_path)
+            written = await anyio.to_thread.run_sync(write, profile, directory, self._settings)
+        except OSError as exc:
+            raise ComponentError(f"cannot write the profile of container {container_id[:12]} to {directory}: {exc}") from exc
+        trace = profile.traces[0]
+        self.log.info(
+            "profile_written",
+            container=container_id[:12],
+            name=trace.container_name,
+            directory=str(directory),
+            **{phase.value: len(profile.phase(phase)) for phase in PHASES},
+            complete=profile.complete,
+            final=final,
+        )
+        if final:
+            # Periodic rewrites repeat the same warnings, so they are logged once, at the end.
+            for warning in written.warnings:
+                self.log.info("profile_note", container=container_id[:12], note=warning)
+        if final and not profile.complete and container_id not in self._reported:
+            self._reported.add(container_id)
+            self.context.report_problem(
+                ExitCode.INCOMPLETE,
+                f"the profile in {directory} is incomplete: " + "; ".join(trace.problems),
+            )
+
+    def _directory_for(self, container_id: str, entry: ContainerProfile) -> Path:
+        directory = self._directories.get(container_id)
+        if directory is not None:
+            return directory
+        base = _UNSAFE_NAME.sub("_", entry.trace.container_name).strip("._") or container_id[:12]
+        used = set(self._directories.values())
+        directory = self.options.directory / base
+        if directory in used:
+            directory = self.options.directory / f"{base}-{container_id[:12]}"
+        self._directories[container_id] = directory
+        return directory
+
+
+async def _docker_version() -> str:
+    """Return the Docker daemon's version for provenance, or an empty string when it cannot be asked."""
+    try:
+        import aiodocker
+    except ImportError:
+        return ""
+    try:
+        with anyio.fail_after(3):
+            async with aiodocker.Docker() as docker:
+                version = await docker.version()
+    except Exception:  # noqa: BLE001 - provenance is optional; any failure means "unknown"
+        return ""
+    return str(version.get("Version", ""))
