@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import anyio
 import structlog
-from anyio.abc import ObjectSendStream, TaskGroup
+from anyio.abc import ObjectSendStream, TaskGroup, TaskStatus
 
 from speaker.component import Batch, Component, Input, Output, Route, Sink, Source, Stage
 from speaker.config import PipelineSpec
@@ -218,7 +218,9 @@ class Engine:
     async def _run_all(self) -> None:
         async with anyio.create_task_group() as outer:
             if self.handle_signals:
-                outer.start_soon(self._watch_signals)
+                # Wait until the receiver is installed, so that a signal sent
+                # right after "pipeline_started" stops the pipeline gracefully.
+                await outer.start(self._watch_signals)
             async with anyio.create_task_group() as group:
                 self._task_group = group
                 for name, component in self.components.items():
@@ -227,8 +229,9 @@ class Engine:
             self._task_group = None
             outer.cancel_scope.cancel()
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if self.stop_reason is None:

@@ -5,5 +5,5 @@
 set -eu
 scripts/setup-host.sh
 apt-get install -y -q --no-install-recommends \
-	bpftrace qemu-system-x86 busybox-static linux-headers-amd64 build-essential dwarves cpio
+	bpftrace qemu-system-x86 busybox-static linux-headers-amd64 build-essential dwarves cpio libcap2-bin zstd
 .venv/bin/pip install -q -e '.[dev,plot]'

@@ -1,0 +1,176 @@
+"""The chunk parser on audit streams captured on this machine (tests/data/audit/README.md)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from speaker.audit.chunks import ChunkParser
+from speaker.audit.reader import append_lines
+from speaker.audit.serials import SerialTracker
+from tests.sources.audit_reference import (
+    netlink_datagrams,
+    pids_of,
+    read_fixture,
+    reference_counts,
+    reference_serials,
+)
+
+GETPPID = 110
+#: runc's init makes one getppid before it execs the program under the same
+#: pid (checked with grep 'syscall=110 ' on the fixtures: comm="runc:[2:INIT]").
+RUNC_GETPPID = 1
+
+
+def parse_in_chunks(text: bytes, sizes: list[int] | None = None, keep_records: bool = False):
+    """Parse ``text`` in chunks cut at newlines near ``sizes``; return the summed counts, results and tracker."""
+    tracker = SerialTracker(grace=0.0)
+    parser = ChunkParser(tracker, keep_records=keep_records)
+    results = []
+    start = 0
+    sizes = sizes or [len(text)]
+    index = 0
+    while start < len(text):
+        target = start + sizes[index % len(sizes)]
+        index += 1
+        end = text.find(b"\n", min(target, len(text) - 1)) + 1 or len(text)
+        results.append(parser.parse(text[start:end]))
+        start = end
+    counts = sum((result.counts for result in results), start=type(results[0].counts)())
+    return counts, results, tracker
+
+
+def netlink_text(relative: str) -> bytes:
+    pending = bytearray()
+    for datagram in netlink_datagrams(relative):
+        append_lines(pending, datagram, len(datagram))
+    return bytes(pending)
+
+
+def test_i386_records_named_x86():
+    text = read_fixture("i386/audit.log")
+    counts, _, tracker = parse_in_chunks(text)
+    (pid,) = pids_of(text, b'"/i386"')
+    # The program makes getpid (20), write (4) and exit (1) through int 0x80;
+    # before it, runc's init made x86_64 syscalls under the same pid.
+    assert {key: n for key, n in counts.items() if key[0] == pid and key[1] != "x86_64"} == {
+        (pid, "x86", 20): 1,
+        (pid, "x86", 4): 1,
+        (pid, "x86", 1): 1,
+    }
+    assert tracker.confirm(final=True) == {}
+
+
+def test_x32_bit_names_x32_and_keeps_number():
+    text = read_fixture("i386/audit.log")
+    counts, _, _ = parse_in_chunks(text)
+    (pid,) = pids_of(text, b'"/storm"')
+    assert counts[(pid, "x32", 0x40000000 | GETPPID)] == 1
+    assert counts[(pid, "x86_64", GETPPID)] == 3 + RUNC_GETPPID
+
+
+def test_counts_match_reference_parser():
+    for fixture in ("i386/audit.log", "two/audit.log.gz", "rotation/audit.log.1.gz", "rotation/audit.log.gz"):
+        text = read_fixture(fixture)
+        counts, _, _ = parse_in_chunks(text)
+        assert counts == reference_counts(text), fixture
+
+
+def test_two_containers_counted_apart():
+    text = read_fixture("two/audit.log.gz")
+    counts, _, tracker = parse_in_chunks(text, sizes=[20000])
+    getppid_per_pid = sorted(counts[(pid, "x86_64", GETPPID)] for pid in pids_of(text, b'"/storm"'))
+    assert getppid_per_pid == [1000 + RUNC_GETPPID, 2000 + RUNC_GETPPID]
+    assert tracker.confirm(final=True) == {}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_chunk_size_changes_nothing(seed):
+    text = read_fixture("two/audit.log.gz")
+    whole, _, _ = parse_in_chunks(text)
+    sizes = [random.Random(seed).randint(200, 60000) for _ in range(50)]
+    pieces, results, tracker = parse_in_chunks(text, sizes)
+    assert pieces == whole
+    assert tracker.confirm(final=True) == {}
+    paths = {result.path for result in results}
+    assert "fast" in paths
+
+
+def test_exact_path_counts_like_fast_path():
+    text = read_fixture("two/audit.log.gz")
+    fast, _, _ = parse_in_chunks(text, sizes=[30000])
+    exact, results, _ = parse_in_chunks(text, sizes=[30000], keep_records=True)
+    assert exact == fast
+    assert {result.path for result in results} == {"exact"}
+
+
+def test_exact_path_keeps_record_fields():
+    text = read_fixture("i386/audit.log")
+    _, results, _ = parse_in_chunks(text, keep_records=True)
+    (pid,) = pids_of(text, b'"/i386"')
+    records = [record for result in results for record in result.seccomp if record.pid == pid and record.arch == "x86"]
+    assert [(record.arch, record.nr) for record in records] == [("x86", 20), ("x86", 4), ("x86", 1)]
+    assert {record.comm for record in records} == {"i386"}
+    assert {record.exe for record in records} == {"/i386"}
+    assert {record.action for record in records} == {0x7FFC0000}
+    assert all(record.serial > 0 and record.time > 1.7e9 for record in records)
+
+
+def test_netlink_capture_matches_audit_log():
+    # The same run was captured from the multicast socket and by auditd.
+    for directory in ("i386", "two"):
+        suffix = ".gz" if directory == "two" else ""
+        from_log = reference_counts(read_fixture(f"{directory}/audit.log{suffix}"))
+        from_netlink, _, tracker = parse_in_chunks(netlink_text(f"{directory}/netlink.bin{suffix}"), sizes=[50000])
+        storms = pids_of(read_fixture(f"{directory}/audit.log{suffix}"), b'"/storm"')
+        for pid in storms:
+            ours = {key: n for key, n in from_netlink.items() if key[0] == pid}
+            theirs = {key: n for key, n in from_log.items() if key[0] == pid}
+            assert ours == theirs
+        assert tracker.confirm(final=True) == {}
+
+
+def test_netlink_lines_carry_type_numbers():
+    text = netlink_text("i386/netlink.bin")
+    assert text.count(b"type=SECCOMP msg=audit(") == 355
+    first_other = next(line for line in text.split(b"\n") if not line.startswith(b"type=SECCOMP"))
+    assert first_other.split(b" ", 1)[0].removeprefix(b"type=").isdigit()
+
+
+def test_garbled_lines_counted():
+    text = read_fixture("garbled/audit.log")
+    complete = text[: text.rfind(b"\n") + 1]
+    counts, results, tracker = parse_in_chunks(complete)
+    # src/damage.py: 6 damaged or inserted lines, 5 records gone (lines 5,
+    # 10, 15, 20 and 21 of the 355), and line 21's serial lost.
+    assert sum(result.garbled for result in results) == 6
+    assert sum(counts.values()) == 355 - 5
+    assert tracker.confirm(final=True) == {"serial_gap": 1}
+    assert counts == reference_counts(complete)
+
+
+def test_missing_line_is_one_serial_gap():
+    text = read_fixture("two/audit.log.gz")
+    lines = text.split(b"\n")
+    seccomp = [index for index, line in enumerate(lines) if line.startswith(b"type=SECCOMP")]
+    del lines[seccomp[len(seccomp) // 2]]
+    _, _, tracker = parse_in_chunks(b"\n".join(lines), sizes=[40000])
+    assert tracker.confirm(final=True) == {"serial_gap": 1}
+
+
+def test_rotation_pair_has_continuous_serials():
+    old = read_fixture("rotation/audit.log.1.gz")
+    new = read_fixture("rotation/audit.log.gz")
+    serials = reference_serials(old) + reference_serials(new)
+    assert sorted(set(serials)) == list(range(min(serials), max(serials) + 1))
+    counts, _, tracker = parse_in_chunks(old + new, sizes=[8000])
+    (pid,) = pids_of(old + new, b'"/storm"')
+    assert counts[(pid, "x86_64", GETPPID)] == 400 + RUNC_GETPPID
+    assert tracker.confirm(final=True) == {}
+
+
+def test_chunk_must_end_with_newline():
+    parser = ChunkParser(SerialTracker())
+    with pytest.raises(ValueError, match="newline"):
+        parser.parse(b"type=SECCOMP msg=audit(1.000:1): pid=1")
