@@ -1,0 +1,157 @@
+"""Write a trace as JSON lines that ``rephase`` can split into phases again."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import aiofiles
+
+from speaker.component import Batch, Sink
+from speaker.errors import ComponentError
+from speaker.events import (
+    ContainerEvent,
+    ContainerOutput,
+    Phase,
+    PhaseChange,
+    ProcessSample,
+    RecordLoss,
+    SyscallCounts,
+    SyscallRecord,
+    TraceIncomplete,
+)
+from speaker.options import Duration, option
+from speaker.trace_file import FORMAT_VERSION, HEADER_TYPE, ROW_TYPE
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceLogOptions:
+    path: Path = option(help="Output file. Parent directories are created; an existing file is replaced.")
+    samples: bool = option(
+        True, help="Also write ProcessSample events, which the listen and quiescence detectors need to rephase."
+    )
+    flush_every: Duration = option(
+        Duration.parse("5s"), help="Maximum time syscall rows stay in memory before they are written."
+    )
+
+
+@dataclasses.dataclass
+class _Row:
+    start_time: float
+    end_time: float
+    #: Calls per syscall name, per arch.
+    syscalls: dict[str, dict[str, int]]
+
+
+class TraceLog(Sink):
+    """Write per-second, per-container syscall sets and the lifecycle, phase and sample events as JSON lines.
+
+    Each syscall row covers one container, one second of kernel record time
+    and one phase, with the exact first and last record times it contains.
+    A row is written when it is ``flush_every`` old, so a later event of the
+    same second can produce a second row with the same key: readers merge them.
+    """
+
+    type_name = "trace_log"
+    Options = TraceLogOptions
+    accepts = (
+        SyscallCounts,
+        SyscallRecord,
+        ContainerEvent,
+        ContainerOutput,
+        ProcessSample,
+        PhaseChange,
+        TraceIncomplete,
+        RecordLoss,
+    )
+
+    async def setup(self) -> None:
+        path = self.options.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = await aiofiles.open(path, "w", encoding="utf-8")
+        except OSError as exc:
+            raise ComponentError(f"cannot open {path} for writing: {exc.strerror}") from exc
+        header = {"type": HEADER_TYPE, "version": FORMAT_VERSION, "created": time.time()}
+        await self._file.write(json.dumps(header) + "\n")
+        self._rows: dict[tuple[str, int, str], _Row] = {}
+        self._last_write = time.monotonic()
+        self.rows_written = 0
+        self.events_written = 0
+
+    async def write_batch(self, batch: Batch) -> None:
+        lines: list[str] = []
+        for event in batch:
+            if isinstance(event, SyscallCounts):
+                calls = ((key.arch, key.name, count) for key, count in event.counts.items())
+                self._add(event.container_id, event.phase, event.start_time, event.end_time, calls)
+            elif isinstance(event, SyscallRecord):
+                calls = ((event.arch, event.name, 1),)
+                self._add(event.container_id, event.phase, event.record_time, event.record_time, calls)
+            elif isinstance(event, ProcessSample) and not self.options.samples:
+                continue
+            else:
+                lines.append(json.dumps(event.to_dict(), separators=(",", ":")))
+        self.events_written += len(lines)
+        if time.monotonic() - self._last_write >= self.options.flush_every:
+            lines.extend(self._take_rows())
+        if lines:
+            await self._file.write("\n".join(lines) + "\n")
+
+    def _add(
+        self, container: str, phase: Phase | None, start: float, end: float, calls: Iterable[tuple[str, str, int]]
+    ) -> None:
+        row = self._row(container, phase, start, end)
+        for arch, name, count in calls:
+            names = row.syscalls.setdefault(arch, {})
+            names[name] = names.get(name, 0) + count
+
+    def _row(self, container: str, phase: Phase | None, start: float, end: float) -> _Row:
+        key = (container, math.floor(start), str(phase) if phase is not None else "")
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = _Row(start, end, {})
+        else:
+            row.start_time = min(row.start_time, start)
+            row.end_time = max(row.end_time, end)
+        return row
+
+    def _take_rows(self) -> list[str]:
+        lines = []
+        for (container, second, phase), row in sorted(self._rows.items(), key=lambda item: item[0][1]):
+            lines.append(
+                json.dumps(
+                    {
+                        "type": ROW_TYPE,
+                        "container_id": container,
+                        "second": second,
+                        "phase": phase or None,
+                        "start_time": row.start_time,
+                        "end_time": row.end_time,
+                        "syscalls": {arch: dict(sorted(names.items())) for arch, names in sorted(row.syscalls.items())},
+                    },
+                    separators=(",", ":"),
+                )
+            )
+        self.rows_written += len(lines)
+        self._rows.clear()
+        self._last_write = time.monotonic()
+        return lines
+
+    async def flush(self) -> None:
+        lines = self._take_rows()
+        if lines:
+            await self._file.write("\n".join(lines) + "\n")
+        await self._file.flush()
+        os.fsync(self._file.fileno())
+
+    async def teardown(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            await file.close()
+            self.log.info("trace_log_closed", path=str(self.options.path), rows=self.rows_written, events=self.events_written)
