@@ -9,6 +9,6 @@
 * ``watchdog`` denies what a stalled supervisor leaves waiting, reading
   ``slots``.
 * ``agent`` runs all of these; ``delivery`` tells how runc finds the socket.
- The ``supervisor`` stage
-ties them to the pipeline.
+* ``supervisor`` ties them to the pipeline, for the ``supervisor`` stage and
+  the ``enforce`` stage's notify back end.
 """

@@ -18,8 +18,12 @@ from speaker.notify.policy import PhasePolicy
 from tests.conftest import require_system
 from tests.enforce.target import Target
 
+#: Names of what these tests create on the host (containers, the runtime
+#: entry in daemon.json and its launcher, socket directories) start with this.
+#: On a host that others share, set SPEAKER_TEST_PREFIX to a prefix of your own.
+TEST_PREFIX = os.environ.get("SPEAKER_TEST_PREFIX", "speaker-test-")
 #: Every socket directory of these tests starts with this, under /run/speaker.
-SOCKET_PREFIX = "spk-d-test-"
+SOCKET_PREFIX = f"{TEST_PREFIX}sock-"
 
 #: Phase lists of the target tests. getpgid is booting-only, getsid
 #: shutdown-only, getppid in every phase, and sched_yield in none.
@@ -28,7 +32,6 @@ LISTS = {
     Phase.RUNNING: {"getppid"},
     Phase.SHUTDOWN: {"getsid", "getppid"},
 }
-
 
 
 def notify_available() -> tuple[bool, str]:

@@ -1,9 +1,13 @@
 """Trace a demo server, then run it under pipelines/enforce.toml with real Docker, runc and seccomp.
 
 Each test first traces a server from the audit records of a log-everything
-profile. Then it enforces the traced profile through the supervisor and the
-speaker-runtime launcher. A session fixture registers the launcher with the
-shared dockerd: it adds a runtime entry and sends a SIGHUP, never a restart.
+profile. Then it enforces the traced profile through the notify back end of
+the enforce stage and the speaker-runtime launcher. A session fixture
+registers the launcher with the dockerd: it adds a runtime entry named after
+TEST_PREFIX and sends a SIGHUP, never a restart, and it removes no entry.
+The kmod back end needs the kernel module, which tests/kmod runs in qemu.
+Here a test checks that its union profile starts a container through the
+same launcher.
 """
 
 from __future__ import annotations
@@ -19,17 +23,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+from speaker.compile.actions import ALLOW
+from speaker.compile.arches import syscall_table
+from speaker.compile.bpf import action_for, parse_program
+from speaker.compile.loaded import read_loaded_filters
+from speaker.config import load_pipeline
 from speaker.events import Phase
+from speaker.kmod_backend import KmodBackend
 from speaker.profiles.directory import read_profile_dir
+from speaker.stages.enforce import kmod_settings
 from tests.conftest import PYTHON, ROOT
+from tests.enforce.conftest import TEST_PREFIX
 
 pytestmark = pytest.mark.system
 
-PREFIX = "spk-d-e2e-"
-RUNTIME = "spk-d-runtime"
-SOCKET = Path("/run/speaker/spk-d-e2e/supervisor.sock")
-LAUNCHER = Path("/var/lib/spk-d-runtime/speaker-runtime")
+#: Container names start with this.
+PREFIX = f"{TEST_PREFIX}e2e-"
+RUNTIME = f"{TEST_PREFIX}runtime"
+SOCKET = Path(f"/run/speaker/{TEST_PREFIX}e2e/supervisor.sock")
+LAUNCHER = Path(f"/var/lib/{TEST_PREFIX}runtime/speaker-runtime")
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 #: Per image: the readiness detector (TOML), the workload (argument list) and the port.
@@ -54,12 +68,15 @@ SERVERS = {
     ),
 }  # fmt: skip
 
-#: A perl program that waits for a line on the FIFO /tmp/spk-d-go, makes one
-#: syscall (NR and ARGS are filled in) and writes "RESULT ERRNO" to /tmp/spk-d-result.
+#: Files inside the container: the FIFO that releases FIFO_PERL, and its result.
+GO_FIFO = "/tmp/speaker-test-go"
+RESULT_FILE = "/tmp/speaker-test-result"
+#: A perl program that waits for a line on the FIFO GO_FIFO, makes one
+#: syscall (NR and ARGS are filled in) and writes "RESULT ERRNO" to RESULT_FILE.
 FIFO_PERL = (
-    'open(my $go, "<", "/tmp/spk-d-go") or die; my $line = <$go>; '
+    f'open(my $go, "<", "{GO_FIFO}") or die; my $line = <$go>; '
     "my $r = syscall(NR ARGS); my $e = $! + 0; "
-    'open(my $out, ">", "/tmp/spk-d-result") or die; print $out "$r $e\\n"; close $out;'
+    f'open(my $out, ">", "{RESULT_FILE}") or die; print $out "$r $e\\n"; close $out;'
 )
 #: A perl program that makes one syscall and prints "RESULT ERRNO".
 CALL_PERL = 'my $d = "/"; my $r = syscall(NR ARGS); print "$r ", $! + 0, "\\n";'
@@ -129,18 +146,20 @@ def enforce_args(out: Path, image: str, profile: Path, detector: str, name: str)
         "--set", f"sources.docker.launch.runtime={RUNTIME}",
         "--set", f"sources.docker.launch.seccomp={seccomp}",
         "--set", f"stages.phases.detector={detector}",
-        "--set", f"stages.supervisor.profile={profile}",
-        "--set", f"stages.supervisor.socket={SOCKET}",
-        "--set", f"stages.supervisor.seccomp_json={seccomp}",
+        "--set", f"stages.enforce.profile={profile}",
+        "--set", f"stages.enforce.socket={SOCKET}",
+        "--set", f"stages.enforce.seccomp_json={seccomp}",
         "--set", f"sinks.violations.path={out / 'violations.jsonl'}",
         "--set", f"sinks.violations.summary={out / 'summary.json'}",
     ]  # fmt: skip
 
 
 def enforce_with_workload(out: Path, command: list[str]) -> Path:
-    """Write enforce.toml plus a workload stage (which stops the container) before the supervisor."""
+    """Write enforce.toml plus a workload stage (which stops the container) before the enforce stage."""
     text = (ROOT / "pipelines" / "enforce.toml").read_text()
-    text = text.replace('inputs = ["phases"]\nprofile', 'inputs = ["workload"]\nprofile')
+    stage = '[stages.enforce]\ntype = "enforce"\ninputs = ["phases"]\n'
+    assert stage in text, "pipelines/enforce.toml no longer has the enforce stage this test edits"
+    text = text.replace(stage, stage.replace('["phases"]', '["workload"]'))
     text += f'\n[stages.workload]\ntype = "workload"\ninputs = ["phases"]\ncommand = {json.dumps(command)}\nduration = "1s"\n'
     pipeline = out / "enforce.toml"
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +285,7 @@ def redis_with_exec(enforce_runtime: str, tmp_path_factory: pytest.TempPathFacto
     workload's perl makes getpid, which every phase allows, so the tests'
     own syscall stays booting-only.
     """
-    name_file = "/proc/{pid}/root/tmp/spk-d-go"
+    name_file = "/proc/{pid}/root" + GO_FIFO
     workload = [
         "sh", "-c",
         f"echo go > {name_file} && docker exec {{container}} perl -e '{perl(FIFO_PERL, 39, '')}' && "
@@ -360,7 +379,7 @@ def test_exec_runtime_init_judged_as_booting(traced, tmp_path: Path) -> None:
 def start_fifo_perl(name: str, nr: int, args: str, out: Path) -> int:
     """Start the FIFO perl program in the container; return the container's pid for /proc/PID/root."""
     pid = container_pid(name)
-    fifo = Path(f"/proc/{pid}/root/tmp/spk-d-go")
+    fifo = Path(f"/proc/{pid}/root{GO_FIFO}")
     fifo.unlink(missing_ok=True)
     os.mkfifo(fifo)
     started = subprocess.run(["docker", "exec", "-d", name, "perl", "-e", perl(FIFO_PERL, nr, args)], capture_output=True)
@@ -378,10 +397,10 @@ def start_fifo_perl(name: str, nr: int, args: str, out: Path) -> int:
 
 def trigger_fifo_perl(pid: int, timeout: float = 20) -> list[str]:
     """Release the FIFO perl program and return its "RESULT ERRNO" line, split."""
-    result = Path(f"/proc/{pid}/root/tmp/spk-d-result")
+    result = Path(f"/proc/{pid}/root{RESULT_FILE}")
     result.unlink(missing_ok=True)
     # Opening a FIFO for writing blocks until perl has it open for reading.
-    writer = threading.Thread(target=lambda: Path(f"/proc/{pid}/root/tmp/spk-d-go").write_text("go\n"), daemon=True)
+    writer = threading.Thread(target=lambda: Path(f"/proc/{pid}/root{GO_FIFO}").write_text("go\n"), daemon=True)
     writer.start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -482,3 +501,84 @@ def test_socket_rejects_non_root(enforce_runtime: str, traced, tmp_path: Path) -
         run.finish()
     assert result.returncode != 0
     assert "PermissionError" in result.stderr
+
+
+# --- The kmod back end's union profile through the same launcher --------------------------
+
+#: Directories where Docker 20.10's containerd keeps a container's OCI bundle (with its own or the system containerd).
+BUNDLE_ROOTS = (
+    Path("/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby"),
+    Path("/run/containerd/io.containerd.runtime.v2.task/moby"),
+)
+
+
+def kmod_union_profile(profile: Path, seccomp: Path) -> frozenset[str]:
+    """Write the union profile that the enforce stage writes with backend "kmod", and return its x86_64 names.
+
+    It goes through the stage's own option handling and compile path; only
+    the module's ioctls are left out, because this host cannot load modules.
+    """
+    spec = load_pipeline(
+        ROOT / "pipelines" / "enforce.toml",
+        ["stages.enforce.backend=kmod", f"stages.enforce.profile={profile}", f"stages.enforce.seccomp_json={seccomp}"],
+    )
+    options = spec.components["enforce"].options
+    log = structlog.get_logger("speaker").bind(component="test")
+    # load_programs reads, compiles and writes without touching the driver, which needs no context before setup.
+    backend = KmodBackend("enforce", kmod_settings(options), options, log, context=None)  # type: ignore[arg-type]
+    programs = backend.load_programs()
+    return programs.union.names_with(ALLOW, "x86_64")
+
+
+def bundle_config(container_id: str) -> dict:
+    for root in BUNDLE_ROOTS:
+        path = root / container_id / "config.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    raise AssertionError(f"no OCI bundle for {container_id[:12]} under {', '.join(map(str, BUNDLE_ROOTS))}")
+
+
+def test_kmod_union_profile_runs_through_launcher(traced, enforce_runtime: str, tmp_path: Path) -> None:
+    # The speaker-runtime launcher only edits a config.json with notify
+    # rules, so a pipeline keeps runtime = "speaker-runtime" for both back ends.
+    profile = traced("redis")
+    seccomp = tmp_path / "seccomp.json"
+    union = kmod_union_profile(profile, seccomp)
+    name = f"{PREFIX}kmod-{uuid.uuid4().hex[:6]}"
+    try:
+        started = subprocess.run(
+            ["docker", "run", "-d", "--name", name, "--network", "none", "--runtime", enforce_runtime,
+             "--security-opt", f"seccomp={seccomp}", "speaker-demo/redis"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        container_id = started.stdout.strip()
+        pid = container_pid(name)
+        deadline = time.monotonic() + 30
+        while not redis_answers(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert redis_answers(pid), "redis did not answer under the union profile"
+
+        seccomp_config = bundle_config(container_id)["linux"]["seccomp"]
+        assert "listenerPath" not in seccomp_config
+        assert all(rule["action"] != "SCMP_ACT_NOTIFY" for rule in seccomp_config["syscalls"])
+
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+        assert status["Seccomp"].strip() == "2"
+        assert status["Seccomp_filters"].strip() == "1"
+        (loaded,) = read_loaded_filters(pid)
+        program = parse_program(loaded)
+        table = syscall_table("x86_64")
+        actions = {name: str(action_for(program, "x86_64", table.number(name))) for name in union}
+        assert set(actions.values()) == {"allow"}
+        # runc fails syscalls numbered above every listed one with ENOSYS, so
+        # the lowest-numbered unlisted syscall shows the default action.
+        outside = min(set(table.numbers) - union, key=table.number)
+        assert str(action_for(program, "x86_64", table.number(outside))) == "kill-process"
+
+        stopped = subprocess.run(["docker", "stop", name], capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        exit_code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True, text=True)
+        assert exit_code.stdout.strip() == "0"
+    finally:
+        remove_container(name)

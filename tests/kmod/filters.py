@@ -2,8 +2,9 @@
 
 spk_group (tests/kmod/guest/spk_group.c) runs the probes below in every
 member and prints one letter per probe: ``D`` when the filter denied the
-syscall with errno DENY_ERRNO, ``A`` when it ran. The expected letters come
-from the lists written here, never from the kernel.
+syscall with errno DENY_ERRNO, ``E`` when it failed with EPERM, ``A`` when it
+ran. The expected letters come from the lists written here, never from the
+kernel.
 
 Two families of filters are compiled on the host:
 
@@ -13,6 +14,9 @@ Two families of filters are compiled on the host:
 * profile filters, built with ``speaker.compile`` (the filter_compile
   stage's compiler) from allow-lists of every syscall except the probes,
   plus each phase's own probes. These are the programs a real profile gives.
+
+The same lists are written as PROFILE_FILE for the enforce stage's kmod back
+end, which compiles them in the guest.
 """
 
 from __future__ import annotations
@@ -124,15 +128,57 @@ def compile_test_filter(item: TestFilter) -> bytes:
         return output.read()
 
 
-def compile_profile_filters() -> dict[str, bytes]:
-    """Compile the profile's phase filters and its union filter with speaker.compile, keyed like ``profile_running``."""
-    from speaker.compile import Action, CompileSettings, Layout, compile_profile
+#: The profile lists as profile.json, in the filters directory.
+PROFILE_FILE = "profile.json"
+
+
+def profile_lists() -> dict[str, dict[Phase, frozenset[str]]]:
+    """Return the profile's lists: every syscall except the probes, plus each phase's own probes."""
     from speaker.compile.arches import syscall_table
 
     lists = {}
     for arch in PROFILE_ARCHES:
         unprobed = frozenset(syscall_table(arch).numbers) - PROBED
         lists[arch] = {phase: unprobed | probes for phase, probes in PROFILE_PROBES.items()}
+    return lists
+
+
+def write_profile(path: Path) -> None:
+    """Write the profile's lists as a profile.json."""
+    from speaker.profiles import Profile
+    from speaker.profiles.profile_json import write_profile_json
+
+    profile = Profile()
+    for arch, by_phase in profile_lists().items():
+        for phase, names in by_phase.items():
+            profile.add_names(arch, phase, names)
+    write_profile_json(profile, path)
+
+
+def enforced(allowed: frozenset[str]) -> str:
+    """Return the probe letters under an enforce stage program of the profile that allows the ``allowed`` probes.
+
+    The kmod back end fails a syscall that another phase lists with EPERM
+    (``deny_action = "errno"``), and one that no phase lists with the
+    default action, here errno DENY_ERRNO.
+    """
+    listed = frozenset().union(*PROFILE_PROBES.values())
+    letters = []
+    for probe in PROBES:
+        if probe.syscall in allowed:
+            letters.append("A")
+        elif probe.syscall in listed:
+            letters.append("E")
+        else:
+            letters.append("D")
+    return "".join(letters)
+
+
+def compile_profile_filters() -> dict[str, bytes]:
+    """Compile the profile's phase filters and its union filter with speaker.compile, keyed like ``profile_running``."""
+    from speaker.compile import Action, CompileSettings, Layout, compile_profile
+
+    lists = profile_lists()
     settings = CompileSettings(default_action=Action.parse(f"errno:{DENY_ERRNO}"), arches=PROFILE_ARCHES)
     result = compile_profile(lists, settings, (Layout.PHASE, Layout.UNION))
     programs = {}
@@ -153,6 +199,7 @@ def write_filters(directory: Path) -> dict[str, object]:
         views[view.name] = view
     for name, bpf in programs.items():
         (directory / f"{name}.bpf").write_bytes(bpf)
+    write_profile(directory / PROFILE_FILE)
     return {
         "deny_errno": DENY_ERRNO,
         "probes": [probe.label for probe in PROBES],
@@ -160,5 +207,10 @@ def write_filters(directory: Path) -> dict[str, object]:
         "expected": {name: expected([view]) for name, view in views.items()},
         "expected_stacked": {
             name: expected([view, TEST_FILTERS["stacked"]]) for name, view in views.items() if not name.startswith("profile")
+        },
+        "profile": f"filters/{PROFILE_FILE}",
+        "expected_enforced": {
+            **{str(phase): enforced(probes) for phase, probes in PROFILE_PROBES.items()},
+            "margin": enforced(PROFILE_PROBES[Phase.BOOTING] | PROFILE_PROBES[Phase.RUNNING]),
         },
     }

@@ -234,6 +234,31 @@ def add_python(image: Initramfs, scripts: Iterable[Path], repo: Path, whole_pack
         image.add_host_file("/etc/ld.so.cache", "/etc/ld.so.cache")
 
 
+def add_ctypes_libraries(image: Initramfs, names: Iterable[str]) -> None:
+    """Add the host's libraries that Python code loads with ``ctypes.util.find_library``, such as ``seccomp``.
+
+    On Linux, find_library runs ``/sbin/ldconfig -p``, which reads
+    /etc/ld.so.cache (``add_python`` copies it), so the static ldconfig comes
+    along with each library at the path that the cache names.
+    """
+    ldconfig = Path("/sbin/ldconfig")
+    if not ldconfig.exists():
+        raise ImageError("/sbin/ldconfig not found; ctypes.util.find_library needs it in the guest")
+    image.add_host_file(ldconfig)
+    result = subprocess.run([str(ldconfig), "-p"], capture_output=True, text=True, env={"LC_ALL": "C"}, check=False)
+    for name in names:
+        prefix = f"lib{name}.so"
+        paths = [
+            line.split(" => ", 1)[1].strip()
+            for line in result.stdout.splitlines()
+            if line.strip().startswith(prefix) and "x86-64" in line and " => " in line
+        ]
+        if not paths:
+            raise ImageError(f"library {name} is not in the host's ld.so.cache; install it (libseccomp2 for seccomp)")
+        for path in paths:
+            image.add_host_file(path, strip=True)
+
+
 def add_busybox(image: Initramfs, busybox: Path) -> None:
     """Add a static busybox as /bin/busybox and the device nodes the kernel needs before devtmpfs."""
     image.add_host_file(busybox, "/bin/busybox")

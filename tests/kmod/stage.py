@@ -37,6 +37,9 @@ BENCH = REPO / "bench" / "kmod.py"
 #: concurrent.futures), copied whole instead
 #: of by what the scripts import.
 WHOLE_PACKAGES = ("anyio", "asyncio", "concurrent")
+#: Libraries that guest code loads with ctypes.util.find_library: pyseccomp
+#: loads libseccomp, which the enforce stage's compiler needs.
+CTYPES_LIBRARIES = ("seccomp",)
 #: Seconds before the stage gives up on the guest.
 DEFAULT_TIMEOUT = 600.0
 #: Any oops or warning panics the guest. SLUB poisons and red-zones the slab
@@ -187,12 +190,13 @@ def build_image(
         raise StageError("no static busybox found; install busybox-static")
     image.add_busybox(bundle, found)
     image.add_python(bundle, [entry], REPO, WHOLE_PACKAGES)
+    image.add_ctypes_libraries(bundle, CTYPES_LIBRARIES)
     for name, module in modules.items():
         bundle.add_host_file(module, f"{GUEST_WORKDIR}/{name}")
     for name, path in helpers.items():
         bundle.add_host_file(path, f"{GUEST_WORKDIR}/{name}")
     manifest = filters.write_filters(workdir / "filters")
-    for path in sorted((workdir / "filters").glob("*.bpf")):
+    for path in sorted((workdir / "filters").glob("*.bpf")) + [workdir / "filters" / filters.PROFILE_FILE]:
         bundle.add_host_file(path, f"{GUEST_WORKDIR}/filters/{path.name}")
     bundle.add_data(f"{GUEST_WORKDIR}/manifest.json", json.dumps(manifest, indent=1).encode())
     bundle.add_data("/init", init_script(entry, arguments), 0o755)

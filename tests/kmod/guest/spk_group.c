@@ -20,7 +20,8 @@
  *   calm    stop the loop and print "calm N", N being the loop passes;
  *   exit    end every member and print "bye".
  * Each result has one letter per probe below: D when the filter denied the
- * syscall with errno DENY_ERRNO, A when the syscall ran.
+ * syscall with errno DENY_ERRNO, E when it failed with EPERM (which no probe
+ * returns on its own, so a filter denied it), A when the syscall ran.
  *
  * SIGTERM and SIGUSR1 handlers in the leader run the probes inside the
  * handler and print "signal NUMBER R". Child processes print nothing for
@@ -91,12 +92,16 @@ static long i386_syscall2(long nr, long arg0, long arg1)
 
 static char native_result(long ret)
 {
-	return ret == -1 && errno == DENY_ERRNO ? 'D' : 'A';
+	if (ret == -1 && errno == DENY_ERRNO)
+		return 'D';
+	return ret == -1 && errno == EPERM ? 'E' : 'A';
 }
 
 static char i386_result(long ret)
 {
-	return ret == -DENY_ERRNO ? 'D' : 'A';
+	if (ret == -DENY_ERRNO)
+		return 'D';
+	return ret == -EPERM ? 'E' : 'A';
 }
 
 /* Run every probe and write one letter per probe. Async-signal-safe. */

@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -33,7 +34,10 @@ from pathlib import Path
 
 import anyio
 
-import speaker.sinks.kmod  # noqa: F401  (the pipeline test loads it by type name)
+# The pipeline tests load these by type name.
+import speaker.sinks.count  # noqa: F401
+import speaker.sinks.kmod  # noqa: F401
+import speaker.stages.enforce  # noqa: F401
 from speaker import kmod_io
 from speaker.component import Output, Source
 from speaker.config import load_pipeline
@@ -180,7 +184,8 @@ class Suite:
 
     def explain(self, got: str, want: str) -> str:
         labels = self.manifest["probes"]
-        wrong = [f"{labels[i]} {'denied' if got[i] == 'D' else 'allowed'}" for i in range(len(want)) if got[i] != want[i]]
+        outcomes = {"D": f"denied with errno {self.manifest['deny_errno']}", "E": "denied with EPERM", "A": "allowed"}
+        wrong = [f"{labels[i]} {outcomes.get(got[i], got[i])}" for i in range(len(want)) if got[i] != want[i]]
         return ", ".join(wrong) or "same"
 
     @property
@@ -622,9 +627,9 @@ def test_stop_signal_switches_to_shutdown(suite: Suite) -> None:
     quiet.close()
 
 
-def expect_settled(group: Group, expected: list[str], context: str) -> None:
-    """Probe until the results match, for up to 5 s, because the signal probe narrows stacked filters in a work item."""
-    deadline = time.monotonic() + 5
+def expect_settled(group: Group, expected: str | list[str], context: str, timeout: float = 5.0) -> None:
+    """Probe until the results match, for up to ``timeout`` seconds, for changes that another thread or a work item makes."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
             group.expect(expected, context)
@@ -799,6 +804,133 @@ def test_kmod_sink_pipeline(suite: Suite) -> None:
     line = group.reader.readline()
     check(line == f"signal 15 {suite.expected['profile_shutdown']}", f"stop signal after the pipeline ended: {line!r}")
     suite.dev.unregister(group_id)
+    group.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class EventPipeOptions:
+    path: Path = option(help="FIFO to read events from, one Event.to_dict JSON object per line.")
+
+
+class EventPipe(Source):
+    """Emit each event written to a FIFO as soon as its line arrives, until the writer closes it. A test source."""
+
+    type_name = "kmod_test_event_pipe"
+    Options = EventPipeOptions
+    emits = (Event,)
+
+    async def run(self, output: Output) -> None:
+        # Opening a FIFO for reading blocks until the test opens it for writing.
+        pipe = await anyio.to_thread.run_sync(lambda: open(self.options.path, "rb"))
+        with pipe:
+            while line := await anyio.to_thread.run_sync(pipe.readline):
+                if line.strip():
+                    await output.send(event_from_dict(json.loads(line)))
+
+
+#: Seconds the enforce stage test gives the pipeline to act on one event under TCG.
+PIPELINE_TIMEOUT = 30.0
+#: The running margin of the enforce stage test: long enough to probe inside it under TCG.
+TEST_MARGIN = 3.0
+
+
+def enforce_pipeline(directory: Path, fifo: Path, profile: Path, seccomp: Path, errno_value: int) -> Path:
+    """Write a pipeline: the FIFO source, the enforce stage with backend "kmod", and a count sink."""
+    pipeline = directory / "enforce.toml"
+    pipeline.write_text(
+        f'[sources.events]\ntype = "tests.kmod.guest.suite:EventPipe"\npath = "{fifo}"\n\n'
+        f'[stages.enforce]\ntype = "enforce"\ninputs = ["events"]\nbackend = "kmod"\nprofile = "{profile}"\n'
+        f'seccomp_json = "{seccomp}"\ndefault_action = "errno"\nerrno = "{errno_value}"\n'
+        f'running_margin = "{TEST_MARGIN:g}s"\ndevice = "{DEVICE}"\n\n'
+        '[sinks.count]\ntype = "count"\ninputs = ["enforce"]\n'
+    )
+    return pipeline
+
+
+def open_fifo_writer(fifo: Path, runner: threading.Thread) -> int:
+    """Open ``fifo`` for writing once the pipeline's source reads it. Raises TestFailure if the pipeline ends first."""
+    deadline = time.monotonic() + PIPELINE_TIMEOUT
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+        else:
+            os.set_blocking(fd, True)
+            return fd
+        check(runner.is_alive(), "the pipeline ended before its source opened the FIFO")
+        check(time.monotonic() < deadline, f"the pipeline's source did not open the FIFO within {PIPELINE_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+
+
+@test
+def test_enforce_stage_kmod_backend(suite: Suite) -> None:
+    expected = suite.manifest["expected_enforced"]
+    # The runtime's filter: the union of the profile's phases, compiled on the host.
+    group = Group(suite, "profile_union", 2, 1)
+    group.expect(suite.expected["profile_union"], "union filter before the pipeline")
+    container = "e0f0" * 16
+    results: list[object] = []
+    with tempfile.TemporaryDirectory(prefix="speaker-enforce-") as name:
+        directory = Path(name)
+        fifo = directory / "events"
+        os.mkfifo(fifo)
+        seccomp = directory / "seccomp.json"
+        profile = suite.workdir / suite.manifest["profile"]
+        spec = load_pipeline(enforce_pipeline(directory, fifo, profile, seccomp, suite.manifest["deny_errno"]))
+        runner = threading.Thread(
+            target=lambda: results.append(anyio.run(lambda: run_pipeline(spec, handle_signals=False))), daemon=True
+        )
+        runner.start()
+        writer = os.fdopen(open_fifo_writer(fifo, runner), "w")
+        try:
+
+            def send(event: Event) -> None:
+                writer.write(json.dumps(event.to_dict()) + "\n")
+                writer.flush()
+
+            send(ContainerEvent(container_id=container, action=ContainerAction.START, pid=group.pid, stop_signal=15))
+            expect_settled(group, expected["booting"], "booting after the start event", PIPELINE_TIMEOUT)
+            group_id = suite.dev.register(group.pid, adopt=True)
+            state = suite.dev.query(group_id)
+            check(state.phase is KmodPhase.BOOTING and state.stop_signal == 15, f"after the start event: {state}")
+
+            send(PhaseChange(container_id=container, phase=Phase.RUNNING, previous=Phase.BOOTING))
+            margin_started = time.monotonic()
+            expect_settled(group, expected["margin"], "running margin", PIPELINE_TIMEOUT)
+            seen_margin = time.monotonic() - margin_started
+            expect_settled(group, expected["running"], "running after the margin", PIPELINE_TIMEOUT)
+            margin_seen_for = time.monotonic() - margin_started
+            check(seen_margin < TEST_MARGIN, f"the margin program was first seen after {seen_margin:.1f} s")
+            # The stage starts the margin after this test has sent the event, and
+            # this test timed from the end of the send, so allow a little less.
+            check(margin_seen_for >= TEST_MARGIN - 0.5, f"the running program replaced the margin after {margin_seen_for:.1f} s")
+            check(suite.dev.query(group_id).phase is KmodPhase.RUNNING, "the module is not in running")
+
+            send(PhaseChange(container_id=container, phase=Phase.SHUTDOWN, previous=Phase.RUNNING))
+            expect_settled(group, expected["shutdown"], "shutdown", PIPELINE_TIMEOUT)
+            check(suite.dev.version().groups == 1, f"registrations before the die event: {suite.dev.version()}")
+
+            send(ContainerEvent(container_id=container, action=ContainerAction.DIE, pid=group.pid, exit_code=0))
+            deadline = time.monotonic() + PIPELINE_TIMEOUT
+            while suite.dev.version().groups and time.monotonic() < deadline:
+                time.sleep(0.05)
+            check(suite.dev.version().groups == 0, f"the die event left registrations: {suite.dev.version()}")
+            group.expect(expected["shutdown"], "after unregistering, the current program stays")
+        finally:
+            writer.close()
+            runner.join(timeout=PIPELINE_TIMEOUT)
+        check(not runner.is_alive(), "the pipeline did not end after its source closed")
+        result = results[0]
+        check(getattr(result, "exit_code", None) == ExitCode.OK, f"pipeline result: {result}")
+
+        document = json.loads(seccomp.read_text())
+        check("listenerPath" not in document, "the union profile names a listener")
+        check(document["defaultAction"] == "SCMP_ACT_ERRNO", f"union default action {document['defaultAction']}")
+        allowed = {name for rule in document["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" for name in rule["names"]}
+        check({"sysinfo", "times", "getrusage", "getppid", "getpriority"} <= allowed, "the union profile misses a phase's probe")
+        check("uname" not in allowed, "the union profile allows uname, which no phase lists")
     group.close()
 
 
