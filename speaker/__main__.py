@@ -1,3 +1,9 @@
-from speaker.cli import exit_main
+import sys
+
+try:
+    from speaker.cli import exit_main
+except KeyboardInterrupt:
+    # Ctrl-C while the modules load: nothing has started yet.
+    sys.exit(130)
 
 exit_main()

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         epilog="Exit codes: 0 success, 1 a component failed, 2 invalid command line or pipeline file, "
         "3 finished but incomplete (lost trace records), 4 violations found with --fail-on-violation, "
-        "130 aborted by a second signal.",
+        "130 aborted by a signal during setup or by a second signal.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(speaker.commands.__path__), key=lambda item: item.name):

@@ -174,6 +174,9 @@ def load_pipeline(path: Path | str, overrides: Sequence[str] = ()) -> PipelineSp
     Raises ConfigError.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise ConfigError(f"{kind}; pass the path of a pipeline file such as pipelines/trace.toml", path=path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -185,6 +188,8 @@ def load_pipeline(path: Path | str, overrides: Sequence[str] = ()) -> PipelineSp
     except tomllib.TOMLDecodeError as exc:
         line = _toml_error_line(str(exc))
         raise ConfigError(f"invalid TOML: {exc}", path=path, line=line) from None
+    except RecursionError:
+        raise ConfigError("invalid TOML: arrays or tables are nested too deeply to read", path=path) from None
     loader = _Loader(path=path, lines=_LineIndex(text))
     for override in overrides:
         _apply_override(loader, raw, override)
@@ -202,7 +207,7 @@ def _apply_override(loader: _Loader, raw: dict[str, Any], override: str) -> None
     if not equals or len(parts) < 2 or not all(parts):
         raise ConfigError(
             f"invalid --set {override!r}: write TABLE.NAME.KEY=VALUE, "
-            "such as sources.audit.rcvbuf=32MiB, or pipeline.KEY=VALUE",
+            "such as sources.docker.launch.image=speaker-demo/nginx, or pipeline.KEY=VALUE",
             path=loader.path,
         )
     if parts[0] in SECTIONS and len(parts) < 3:
@@ -210,10 +215,24 @@ def _apply_override(loader: _Loader, raw: dict[str, Any], override: str) -> None
             f"invalid --set {override!r}: a component option needs three parts, {parts[0]}.NAME.KEY=VALUE",
             path=loader.path,
         )
+    if parts[0] in SECTIONS and not isinstance(raw.get(parts[0], {}).get(parts[1]), dict):
+        known = ", ".join(f"{parts[0]}.{name}" for name in raw.get(parts[0], {})) or "none"
+        raise ConfigError(
+            f"invalid --set {override!r}: the file has no [{parts[0]}.{parts[1]}] table, and --set only changes "
+            f"components the file defines (defined {parts[0]}: {known})",
+            path=loader.path,
+        )
     try:
-        value = tomllib.loads(f"value = {value_text}")["value"]
+        parsed = tomllib.loads(f"value = {value_text}")
     except tomllib.TOMLDecodeError:
-        value = value_text
+        value: Any = value_text
+    else:
+        if list(parsed) != ["value"]:
+            raise ConfigError(
+                f"invalid --set {override!r}: VALUE must be one TOML value, not several lines or tables",
+                path=loader.path,
+            )
+        value = parsed["value"]
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -355,26 +374,34 @@ def _check_inputs(loader: _Loader, specs: Mapping[str, ComponentSpec]) -> None:
 
 
 def _check_cycles(loader: _Loader, specs: Mapping[str, ComponentSpec]) -> None:
+    # Depth-first search with an explicit stack, so that a long chain of
+    # stages cannot exhaust Python's recursion limit.
     state: dict[str, str] = {}
-
-    def visit(name: str, trail: list[str]) -> None:
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "active":
-            cycle = trail[trail.index(name) :] + [name]
-            spec = specs[name]
-            raise loader.error(
-                "the inputs form a cycle: " + " -> ".join(cycle) + "; a pipeline must be a DAG",
-                table=f"{spec.section}.{spec.name}",
-                key="inputs",
-            )
-        state[name] = "active"
-        for upstream in specs[name].inputs:
-            visit(upstream, trail + [name])
-        state[name] = "done"
-
-    for name in specs:
-        visit(name, [])
+    for root in specs:
+        if root in state:
+            continue
+        trail = [root]
+        stack = [iter(specs[root].inputs)]
+        state[root] = "active"
+        while stack:
+            upstream = next(stack[-1], None)
+            if upstream is None:
+                state[trail.pop()] = "done"
+                stack.pop()
+                continue
+            if state.get(upstream) == "done":
+                continue
+            if state.get(upstream) == "active":
+                cycle = trail[trail.index(upstream) :] + [upstream]
+                spec = specs[upstream]
+                raise loader.error(
+                    "the inputs form a cycle: " + " -> ".join(reversed(cycle)) + "; a pipeline must be a DAG",
+                    table=f"{spec.section}.{spec.name}",
+                    key="inputs",
+                )
+            state[upstream] = "active"
+            trail.append(upstream)
+            stack.append(iter(specs[upstream].inputs))
 
 
 def _check_event_types(loader: _Loader, specs: Mapping[str, ComponentSpec]) -> None:

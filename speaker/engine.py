@@ -5,7 +5,7 @@ How a pipeline ends:
 * **Graceful stop** (the first SIGINT or SIGTERM, a component's
   ``request_stop``, or a component error): each source's ``stopping`` event
   is set and the source is cancelled after its ``drain_timeout``. When a
-  producer ends, its output streams close, so each stage sees the end of its
+  producer ends, its output streams close, so each stage receives the end of its
   input, calls ``finish`` and closes its own outputs, and each sink flushes.
   Nothing a sink has received is dropped.
 * **Abort** (a second signal): every task is cancelled at once. Teardown
@@ -46,7 +46,8 @@ class ExitCode(enum.IntEnum):
     INCOMPLETE = 3
     #: Enforcement reported violations and the pipeline was asked to fail on them.
     VIOLATIONS = 4
-    #: A second signal aborted the pipeline before sinks could flush.
+    #: A signal during setup, or a second signal while stopping, aborted the
+    #: pipeline before sinks could flush.
     ABORTED = 130
 
 
@@ -115,6 +116,9 @@ class Engine:
         self._task_group: TaskGroup | None = None
         self._source_scopes: dict[str, anyio.CancelScope] = {}
         self._source_done: dict[str, anyio.Event] = {}
+        self._setup_scope: anyio.CancelScope | None = None
+        #: "setup", "run" or "teardown": decides what a signal does.
+        self._state = "setup"
 
     # --- Building ---------------------------------------------------------
 
@@ -125,7 +129,11 @@ class Engine:
         for name in order:
             component_spec = self.spec.components[name]
             context = PipelineContext(self, name)
-            self.components[name] = component_spec.cls(name, component_spec.options, context)
+            try:
+                self.components[name] = component_spec.cls(name, component_spec.options, context)
+            except Exception as exc:
+                self._record_failure(name, exc, "init")
+                return
 
         send_streams: dict[str, ObjectSendStream[Batch]] = {}
         for name in order:
@@ -196,48 +204,76 @@ class Engine:
 
     async def run(self) -> PipelineResult:
         """Run the pipeline to its end and return its result. Never raises for component errors."""
-        if not self.components:
+        if not self.components and not self.failures:
             self.build()
+        if self.failures:
+            return self._result()
         order = topological_order(self.spec)
         ready: list[str] = []
         self.log.info("pipeline_starting", components=len(order))
-        try:
-            for name in reversed(order):
-                try:
-                    await self.components[name].setup()
-                except Exception as exc:
-                    self._record_failure(name, exc, "setup")
-                    break
-                ready.append(name)
-            if not self.failures:
-                await self._run_all()
-        finally:
-            await self._teardown([name for name in order if name in ready])
+        async with anyio.create_task_group() as outer:
+            if self.handle_signals:
+                # Wait until the receiver is installed, so that a signal during
+                # setup already gets the handling described in _on_signal.
+                await outer.start(self._watch_signals)
+            try:
+                with anyio.CancelScope() as self._setup_scope:
+                    for name in reversed(order):
+                        try:
+                            await self.components[name].setup()
+                        except Exception as exc:
+                            self._record_failure(name, exc, "setup")
+                            break
+                        ready.append(name)
+                if not self.failures and not self.aborted:
+                    await self._run_all()
+            finally:
+                self._state = "teardown"
+                await self._teardown([name for name in order if name in ready])
+            outer.cancel_scope.cancel()
         return self._result()
 
     async def _run_all(self) -> None:
-        async with anyio.create_task_group() as outer:
-            if self.handle_signals:
-                # Wait until the receiver is installed, so that a signal sent
-                # right after "pipeline_started" stops the pipeline gracefully.
-                await outer.start(self._watch_signals)
-            async with anyio.create_task_group() as group:
-                self._task_group = group
-                for name, component in self.components.items():
-                    group.start_soon(self._run_component, name, component)
-                self.log.info("pipeline_started")
-            self._task_group = None
-            outer.cancel_scope.cancel()
+        self._state = "run"
+        async with anyio.create_task_group() as group:
+            self._task_group = group
+            for name, component in self.components.items():
+                group.start_soon(self._run_component, name, component)
+            self.log.info("pipeline_started")
+        self._task_group = None
 
     async def _watch_signals(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # SIGHUP counts too: a trace whose terminal closes still stops gracefully.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
-                name = signal.Signals(signum).name
-                if self.stop_reason is None:
-                    self.request_stop(f"received {name}")
-                else:
-                    self.abort(f"received a second signal ({name}) while stopping")
+                self._on_signal(signal.Signals(signum).name)
+
+    def _on_signal(self, name: str) -> None:
+        """Stop gracefully on the first signal and abort on the second.
+
+        A signal during setup cancels the setup, since nothing has run yet.
+        Signals during teardown are logged and ignored, because teardown
+        restores host state (such as the kernel audit settings), and it is
+        bounded by ``teardown_timeout``.
+        """
+        if self._state == "setup":
+            self.aborted = True
+            self.stop_reason = f"received {name} during setup"
+            self.log.warning("pipeline_aborting", reason=self.stop_reason)
+            if self._setup_scope is not None:
+                self._setup_scope.cancel()
+        elif self._state == "teardown":
+            self.log.warning(
+                "signal_ignored",
+                signal=name,
+                reason="teardown in progress",
+                teardown_timeout=str(self.spec.settings.teardown_timeout),
+            )
+        elif self.stop_reason is None:
+            self.request_stop(f"received {name}")
+        else:
+            self.abort(f"received a second signal ({name}) while stopping")
 
     async def _run_component(self, name: str, component: Component) -> None:
         output = self.outputs.get(name)

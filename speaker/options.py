@@ -316,8 +316,13 @@ def describe_type(annotation: Any) -> str:
     return simple.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
-def format_value(value: Any) -> str:
-    """Format a value as TOML would write it, for help and error messages."""
+def format_value(value: Any, depth: int = 0) -> str:
+    """Format a value as TOML would write it, for help and error messages.
+
+    Lists and tables nested deeper than three levels are shortened to ``...``.
+    """
+    if depth > 3 and isinstance(value, (list, tuple, dict)):
+        return "..."
     if isinstance(value, (Duration, ByteSize)):
         return f'"{value}"'
     if isinstance(value, bool):
@@ -329,9 +334,9 @@ def format_value(value: Any) -> str:
     if isinstance(value, Path):
         return format_value(str(value))
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_value(item) for item in value) + "]"
+        return "[" + ", ".join(format_value(item, depth + 1) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {format_value(item)}" for key, item in value.items()) + "}"
+        return "{" + ", ".join(f"{key} = {format_value(item, depth + 1)}" for key, item in value.items()) + "}"
     if value is None:
         return "(none)"
     return str(value)

@@ -11,6 +11,8 @@ A type is resolved in this order:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import importlib.metadata
 import inspect
@@ -40,14 +42,16 @@ def resolve(section: str, type_name: str) -> type[Component]:
         if entry_point.name == type_name:
             try:
                 loaded = entry_point.load()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise ComponentNotFound(
                     f"entry point {type_name!r} ({entry_point.value}) failed to load: {exc}"
                 ) from exc
             return _check_kind(loaded, base, type_name)
-    known = ", ".join(sorted(builtin_names(section)))
+    names = builtin_names(section)
+    close = difflib.get_close_matches(type_name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
     raise ComponentNotFound(
-        f"unknown {base.kind} type {type_name!r}. Built-in {section}: {known}. "
+        f"unknown {base.kind} type {type_name!r}{hint} Built-in {section}: {', '.join(names)}. "
         f"For your own component, write an import path such as 'mypackage.module:Class', "
         f"or register it in the {ENTRY_POINT_GROUP!r} entry-point group"
     )
@@ -59,25 +63,36 @@ def builtin_names(section: str) -> list[str]:
     return sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_"))
 
 
-def all_components() -> list[tuple[str, str, type[Component]]]:
-    """Return ``(section, type_name, class)`` for every built-in and entry-point component."""
+def all_components() -> tuple[list[tuple[str, str, type[Component]]], list[str]]:
+    """Return ``(section, type_name, class)`` for every built-in and entry-point component, and load errors.
+
+    An installed entry point that fails to load is reported in the second
+    list instead of hiding every other component.
+    """
     found = []
+    errors = []
     for section in KINDS:
         for name in builtin_names(section):
             found.append((section, name, resolve(section, name)))
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        loaded = entry_point.load()
+        try:
+            loaded = entry_point.load()
+        except (Exception, SystemExit) as exc:
+            errors.append(f"entry point {entry_point.name!r} ({entry_point.value}) failed to load: {exc}")
+            continue
         for section, base in KINDS.items():
             if inspect.isclass(loaded) and issubclass(loaded, base):
                 found.append((section, entry_point.name, loaded))
-    return found
+    return found, errors
 
 
 def _load_builtin(section: str, type_name: str) -> type[Component] | None:
     if not type_name.isidentifier() or type_name not in builtin_names(section):
         return None
     module = importlib.import_module(f"speaker.{section}.{type_name}")
-    return _component_of_module(module, KINDS[section], type_name)
+    component = _component_of_module(module, KINDS[section], type_name)
+    check_component_class(component)
+    return component
 
 
 def _component_of_module(module: ModuleType, base: type[Component], type_name: str) -> type[Component]:
@@ -108,6 +123,10 @@ def _load_import_path(path: str) -> object:
             f"cannot import module {module_name!r} of {path!r}: {exc}. "
             "Install the package, or run from the directory that contains it"
         ) from exc
+    except (Exception, SystemExit) as exc:
+        raise ComponentNotFound(
+            f"importing module {module_name!r} of {path!r} raised {type(exc).__name__}: {exc}; fix the module"
+        ) from exc
     target: object = module
     for part in attribute.split("."):
         try:
@@ -122,4 +141,22 @@ def _check_kind(loaded: object, base: type[Component], type_name: str) -> type[C
         raise ComponentNotFound(
             f"{type_name!r} is {loaded!r}, not a subclass of speaker.component.{base.__name__}"
         )
+    check_component_class(loaded)
     return loaded
+
+
+def check_component_class(cls: type[Component]) -> None:
+    """Raise ComponentNotFound unless the class declares what the validator and engine read."""
+    from speaker.events import Event
+
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    if not (inspect.isclass(cls.Options) and dataclasses.is_dataclass(cls.Options)):
+        raise ComponentNotFound(f"{where}.Options must be a dataclass whose fields are made with speaker.options.option")
+    for attribute in ("accepts", "emits"):
+        declared = getattr(cls, attribute)
+        if not isinstance(declared, tuple) or not all(
+            inspect.isclass(item) and issubclass(item, Event) for item in declared
+        ):
+            raise ComponentNotFound(
+                f"{where}.{attribute} must be a tuple of event classes from speaker.events, got {declared!r}"
+            )

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
 
 from speaker.engine import ExitCode
 from speaker.options import option_specs
-from speaker.registry import all_components
+from speaker.registry import KINDS, ComponentNotFound, all_components, resolve
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -24,8 +25,13 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def handle(args: argparse.Namespace) -> int:
+    components, errors = all_components()
+    for error in errors:
+        print(f"warning: {error}", file=sys.stderr)
+    if args.type and ":" in args.type:
+        components = _resolve_import_path(args.type)
     entries = []
-    for section, type_name, cls in all_components():
+    for section, type_name, cls in components:
         if args.type and type_name != args.type:
             continue
         entries.append(
@@ -48,7 +54,7 @@ def handle(args: argparse.Namespace) -> int:
             }
         )
     if args.type and not entries:
-        print(f"error: no component type named {args.type!r}; run without a type to list all")
+        print(f"error: no component type named {args.type!r}; run without a type to list all", file=sys.stderr)
         return ExitCode.USAGE
     if args.json:
         print(json.dumps(entries, indent=2))
@@ -65,3 +71,14 @@ def handle(args: argparse.Namespace) -> int:
             print(f"        {option['help']}")
         print()
     return ExitCode.OK
+
+
+def _resolve_import_path(path: str) -> list[tuple[str, str, type]]:
+    """Return the component an import path names, under each kind it belongs to."""
+    found = []
+    for section in KINDS:
+        try:
+            found.append((section, path, resolve(section, path)))
+        except ComponentNotFound:
+            continue
+    return found

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         "run",
         parents=[common],
         help="run a pipeline file",
-        description="Run a pipeline. The first SIGINT or SIGTERM stops it gracefully (sinks flush); a second aborts.",
+        description="Run a pipeline. The first SIGINT, SIGTERM or SIGHUP stops it gracefully (sinks flush); a second aborts.",
     )
     parser.add_argument("file", help="pipeline file, such as pipelines/trace.toml")
     parser.add_argument(
@@ -44,6 +44,8 @@ def handle(args: argparse.Namespace) -> int:
         print(f"error: {failure.component} failed during {failure.during}: {failure.error}", file=sys.stderr)
     for problem in result.problems:
         print(f"warning: {problem}", file=sys.stderr)
+    if result.exit_code == ExitCode.ABORTED:
+        print(f"error: aborted ({result.stop_reason}); sinks may not have flushed", file=sys.stderr)
     if result.exit_code == ExitCode.INCOMPLETE and args.allow_loss:
         return ExitCode.OK
     return result.exit_code

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiofiles
 
-from speaker.component import Batch, Sink
+from speaker.component import Batch, Input, Sink
 from speaker.errors import ComponentError
 from speaker.events import Event
 from speaker.options import option
@@ -35,12 +35,28 @@ class Jsonl(Sink):
         self.written = 0
         if self.options.path == "-":
             return
+        # Check now that the file can be written, but open it only when the
+        # pipeline runs: a run that fails during setup must not truncate the
+        # previous run's output.
         path = Path(self.options.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ComponentError(f"cannot create the directory of {path}: {exc.strerror}") from exc
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ComponentError(f"cannot write {path}: permission denied")
+
+    async def _open(self) -> None:
+        path = Path(self.options.path)
+        try:
             self._file = await aiofiles.open(path, "a" if self.options.append else "w", encoding="utf-8")
         except OSError as exc:
             raise ComponentError(f"cannot open {path} for writing: {exc.strerror}") from exc
+
+    async def run(self, input: Input) -> None:
+        if self.options.path != "-":
+            await self._open()
+        await super().run(input)
 
     async def write_batch(self, batch: Batch) -> None:
         wanted = self.options.types

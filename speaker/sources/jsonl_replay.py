@@ -33,7 +33,7 @@ class JsonlReplay(Source):
     async def run(self, output: Output) -> None:
         path = self.options.path
         try:
-            async with aiofiles.open(path, encoding="utf-8") as handle:
+            async with aiofiles.open(path, "rb") as handle:
                 emitted, skipped = await self._replay(handle, output)
         except OSError as exc:
             raise ComponentError(f"cannot read {path}: {exc.strerror}") from exc
@@ -51,11 +51,14 @@ class JsonlReplay(Source):
             if not line.strip():
                 continue
             try:
-                batch.append(event_from_dict(json.loads(line)))
-            except (ValueError, TypeError) as exc:
+                batch.append(event_from_dict(json.loads(line.decode("utf-8"))))
+            except (ValueError, TypeError, RecursionError) as exc:
                 if not self.options.skip_invalid:
+                    # Deliver the valid events before the bad line, then stop.
+                    await output.send_many(batch)
+                    reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
                     raise ComponentError(
-                        f"{path}:{number}: invalid event: {exc}; fix the line or set skip_invalid = true"
+                        f"{path}:{number}: invalid event: {reason}; fix the line or set skip_invalid = true"
                     ) from exc
                 skipped += 1
                 continue

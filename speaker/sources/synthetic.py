@@ -9,7 +9,7 @@ import anyio
 
 from speaker.component import Output, Source
 from speaker.events import SyscallRecord
-from speaker.options import option
+from speaker.options import OptionError, option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,11 @@ class Synthetic(Source):
     emits = (SyscallRecord,)
     # It checks ``stopping`` between batches, so a stop never cuts a batch in half.
     drain_timeout = 5.0
+
+    @classmethod
+    def check_options(cls, options: SyntheticOptions) -> None:
+        if not options.syscalls:
+            raise OptionError("the list is empty: give at least one syscall number", "syscalls")
 
     async def run(self, output: Output) -> None:
         self.emitted = 0

@@ -133,3 +133,36 @@ class PhaseOnlySink(Sink):
 
     async def write(self, event: Event) -> None:
         pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowSetupStageOptions:
+    delay: Duration = option(Duration(0), help="Time setup takes.")
+    fail: bool = option(False, help="Raise at the end of setup.")
+
+
+class SlowSetupStage(Stage):
+    """Take ``delay`` to set up, then optionally fail, to test stops during setup."""
+
+    type_name = "slow_setup_stage"
+    Options = SlowSetupStageOptions
+    accepts = (Event,)
+    emits = (SyscallRecord,)
+
+    async def setup(self) -> None:
+        await anyio.sleep(self.options.delay)
+        if self.options.fail:
+            raise RuntimeError("setup failed on purpose")
+
+    async def process(self, event: Event, output: Output) -> None:
+        await output.send(event)
+
+
+class BrokenInitSink(Sink):
+    """Raise in the constructor."""
+
+    type_name = "broken_init_sink"
+    accepts = (Event,)
+
+    def __init__(self, *args: object) -> None:
+        raise ValueError("constructor failed on purpose")

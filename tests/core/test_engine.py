@@ -352,3 +352,126 @@ def test_jsonl_replay_names_bad_line(tmp_path: Path) -> None:
     result = run_cli("run", str(replay))
     assert result.returncode == ExitCode.FAILED
     assert f"{recorded}:2: invalid event: unknown event type 'Nope'" in result.stderr
+
+
+def test_signal_during_setup_tears_down(tmp_path: Path) -> None:
+    marker = tmp_path / "teardown.txt"
+    pipeline = write_pipeline(
+        tmp_path / "p.toml",
+        f"""
+[sources.gen]
+type = "synthetic"
+
+[stages.slow]
+type = "{COMPONENTS}:SlowSetupStage"
+inputs = ["gen"]
+delay = "30s"
+
+[sinks.marker]
+type = "{COMPONENTS}:MarkerSink"
+inputs = ["slow"]
+path = "{marker}"
+""",
+    )
+    process = subprocess.Popen(
+        [PYTHON, "-m", "speaker", "--log-format", "json", "run", str(pipeline)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Sinks are set up first, so after 1.5 s the marker sink is ready and the
+    # slow stage is still in its 30 s setup.
+    time.sleep(1.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == ExitCode.ABORTED, stderr
+    assert "received SIGTERM during setup" in stderr
+    # The sink finished setup before the signal, so it was torn down.
+    assert marker.read_text() == "teardown ran\n"
+
+
+def test_sighup_stops_gracefully(tmp_path: Path) -> None:
+    output = tmp_path / "events.jsonl"
+    pipeline = write_pipeline(
+        tmp_path / "p.toml",
+        f"""
+[sources.gen]
+type = "synthetic"
+count = 0
+rate = 5000
+
+[sinks.file]
+type = "jsonl"
+inputs = ["gen"]
+path = "{output}"
+""",
+    )
+    process = subprocess.Popen(
+        [PYTHON, "-m", "speaker", "--log-format", "json", "run", str(pipeline)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "received SIGHUP" in stderr
+    assert len(read_jsonl(output)) > 0
+
+
+def test_constructor_failure_names_component(tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path / "p.toml",
+        f'[sources.gen]\ntype = "synthetic"\n\n[sinks.bad]\ntype = "{COMPONENTS}:BrokenInitSink"\ninputs = ["gen"]\n',
+    )
+    result = run_cli("run", str(pipeline))
+    assert result.returncode == ExitCode.FAILED
+    assert "error: bad failed during init: constructor failed on purpose" in result.stderr
+
+
+def test_failed_setup_keeps_previous_output(tmp_path: Path) -> None:
+    output = tmp_path / "events.jsonl"
+    output.write_text("previous run\n")
+    pipeline = write_pipeline(
+        tmp_path / "p.toml",
+        f"""
+[sources.gen]
+type = "synthetic"
+
+[stages.broken]
+type = "{COMPONENTS}:SlowSetupStage"
+inputs = ["gen"]
+fail = true
+
+[sinks.file]
+type = "jsonl"
+inputs = ["broken"]
+path = "{output}"
+""",
+    )
+    result = run_cli("run", str(pipeline))
+    assert result.returncode == ExitCode.FAILED
+    assert "setup failed on purpose" in result.stderr
+    assert output.read_text() == "previous run\n"
+
+
+def test_jsonl_replay_rejects_non_object(tmp_path: Path) -> None:
+    recorded = tmp_path / "broken.jsonl"
+    recorded.write_text('{"type": "PhaseChange", "container_id": "x", "phase": "running"}\n[1, 2, 3]\n\xff\n')
+    output = tmp_path / "out.jsonl"
+    replay = write_pipeline(
+        tmp_path / "replay.toml",
+        f'[sources.file]\ntype = "jsonl_replay"\npath = "{recorded}"\n\n'
+        f'[sinks.out]\ntype = "jsonl"\ninputs = ["file"]\npath = "{output}"\n',
+    )
+    result = run_cli("run", str(replay))
+    assert result.returncode == ExitCode.FAILED
+    assert f"{recorded}:2: invalid event: an event must be a JSON object, got list" in result.stderr
+    assert "Traceback" not in result.stderr
+    # The valid line before the bad one still reached the sink.
+    assert [event["type"] for event in read_jsonl(output)] == ["PhaseChange"]
+    skipping = run_cli("run", str(replay), "--set", "sources.file.skip_invalid=true")
+    assert skipping.returncode == 0, skipping.stderr
