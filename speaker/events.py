@@ -178,6 +178,39 @@ class SyscallCounts(Event):
     source: str = ""
     #: Phase the counts belong to, set by the ``phase_machine`` stage.
     phase: Phase | None = None
+    #: Kernel record times (first, last) of each key's calls, from sources
+    #: that track them (the audit sources); empty otherwise. Both times are
+    #: real calls, so the phase machine puts a key into every phase that its
+    #: calls reach, instead of deciding by the whole interval.
+    spans: Mapping[SyscallKey, tuple[float, float]] = dataclasses.field(default_factory=dict)
+
+
+@_event
+class SignalRecord(Event):
+    """A signal sent to a process, from the kernel's audit records of the sending syscall.
+
+    The audit sources emit one per receiving process while their audit rule
+    on kill, tkill, tgkill and pidfd_send_signal is installed. ``classify``
+    sets ``container_id`` to the receiver's container, and the phase machine
+    starts the shutdown at the first stop signal.
+    """
+
+    #: Host pid (thread group id) of the process that received the signal.
+    pid: int
+    signal: int
+    #: Host pid and command name of the process that sent the signal.
+    sender_pid: int = 0
+    sender_comm: str = ""
+    #: Name of the sending syscall, such as ``kill``.
+    syscall: str = ""
+    #: Kernel time of the sending syscall, in seconds since the epoch. It has
+    #: the resolution of the kernel's coarse clock, like SyscallRecord times.
+    record_time: float = 0.0
+    #: Audit serial number of the sending syscall's records.
+    serial: int = 0
+    source: str = ""
+    #: True when ``classify`` found the sender in the receiver's container.
+    from_container: bool = False
 
 
 @_event
@@ -186,7 +219,7 @@ class RecordLoss(Event):
 
     Any loss makes the traced profile incomplete. ``reason`` is a stable token:
     ``enobufs``, ``serial_gap``, ``kernel_lost``, ``garbled``, ``rotated_away``,
-    ``map_full`` or ``backlog``.
+    ``map_full``, ``late_flush``, ``unattributed`` or ``backlog``.
     """
 
     source: str
@@ -232,7 +265,8 @@ class PhaseChange(Event):
 
     ``reason`` is a sentence for people, ``detector`` the stable name of what
     decided (``start``, ``window``, ``health``, ``listen``, ``log``,
-    ``quiescence``, ``delay``, ``kill``, ``stop``, ``die``).
+    ``quiescence``, ``delay``, ``signal`` for the kernel's record of a stop
+    signal, ``kill``, ``stop``, ``die``).
     """
 
     phase: Phase
@@ -351,6 +385,13 @@ def _decode(hint: Any, value: Any) -> Any:
         key_hint, value_hint = args if args else (Any, Any)
         pairs = value.items() if isinstance(value, dict) else value
         return {_decode(key_hint, key): _decode(value_hint, item) for key, item in pairs}
+    if hint in (int, float, str, bool):
+        # bool is an int in Python, and an int is a valid float in JSON.
+        valid = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        if hint is float:
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not valid:
+            raise ValueError(f"expected {hint.__name__}, got {value!r}")
     return value
 
 
@@ -359,6 +400,8 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
 
     Raises ValueError naming the type or field that does not match.
     """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"an event must be a JSON object, got {type(data).__name__}")
     type_name = data.get("type")
     cls = _EVENT_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:

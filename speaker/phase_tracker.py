@@ -9,18 +9,20 @@ Each container goes through booting, running and shutdown:
   is installed (runc init, before it execs the entrypoint) come before
   Docker's ``start`` event, and they belong to booting too.
 * **running** from the time the detector reports (``Readiness.time``).
-* **shutdown** from Docker's ``kill`` event with the container's stop signal
-  or SIGKILL, or from its ``stop`` event if no such kill came first.
+* **shutdown** from the first stop signal that reaches the container's init
+  process: the kernel time of the signal (a SignalRecord from the audit
+  sources' rule), or Docker's ``kill`` event with the container's stop signal
+  or SIGKILL, or its ``stop`` event, whichever is earliest. Docker logs its
+  kill event after the signal has reached the container, so the kernel time
+  is the exact boundary and Docker's time is the fallback.
 
-A syscall event covers the kernel record times ``[start, end]``. It belongs to
-the phase that contains the whole interval. An interval that straddles a
-boundary goes to running, because enforcement allows the running list in
-every phase, so that choice never denies a syscall that really happened.
-
-Events are held until their phase is known. Before the detector fires that
-means holding every syscall of the container. After it fires, a running
-event waits until ``lag`` has passed beyond its start, because Docker's kill
-event can arrive after records that follow it.
+``speaker.phase_boundaries`` places each event once the boundaries around
+its times are final. Events are held until then. Before the detector fires
+that means holding every syscall of the container. After it fires, a time
+before the stop waits until ``lag`` has passed beyond it, because a stop
+event (Docker's, or a kernel signal read late) can arrive after records that
+follow it. Only a stop from the kernel is final at once: a stop from Docker
+can still move earlier when the kernel's record of the signal arrives.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ from speaker.events import (
     Event,
     Phase,
     PhaseChange,
+    SignalRecord,
     SyscallCounts,
     SyscallRecord,
     TraceIncomplete,
 )
-
-SyscallEvent = SyscallCounts | SyscallRecord
+from speaker.phase_boundaries import Boundaries, SyscallEvent, place, times_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,21 +59,14 @@ class PhaseSettings:
 
 
 def event_time(event: Event) -> float:
-    """Return the time an event is about: kernel record time for syscalls, Docker's time for lifecycle events."""
+    """Return the time an event is about: kernel record time for syscalls and signals, Docker's time for lifecycle events."""
     if isinstance(event, SyscallCounts):
         return event.end_time
-    if isinstance(event, SyscallRecord):
+    if isinstance(event, (SyscallRecord, SignalRecord)):
         return event.record_time
     if isinstance(event, ContainerEvent):
         return event.event_time or event.wall_time
     return event.wall_time
-
-
-def interval(event: SyscallEvent) -> tuple[float, float]:
-    """Return the kernel record times ``(start, end)`` that a syscall event covers."""
-    if isinstance(event, SyscallCounts):
-        return event.start_time, event.end_time
-    return event.record_time, event.record_time
 
 
 def signal_name(number: int) -> str:
@@ -91,10 +86,13 @@ class ContainerPhases:
         self.name = ""
         #: Wall-clock time of Docker's start event, None until it arrives.
         self.started_at: float | None = None
+        #: Host pid of the container's init process, 0 until a start event names it.
+        self.init_pid = 0
+        #: The container's stop signal number, from its lifecycle events.
+        self.stop_signal: int | None = None
         self.detector: Detector | None = None
         self.readiness: Readiness | None = None
-        self.run_time: float | None = None
-        self.stop_time: float | None = None
+        self.boundaries = Boundaries()
         self.exit_time: float | None = None
         self.exit_code: int | None = None
         #: Reason token of the TraceIncomplete sent for this container, if any.
@@ -102,9 +100,20 @@ class ContainerPhases:
         #: The last phase announced with a PhaseChange, None before booting.
         self.phase: Phase | None = None
         self.held: list[SyscallEvent] = []
-        #: Running events released before a late kill event, which may belong to shutdown.
-        self.released_before_stop = 0
-        self._last_running_start = float("-inf")
+        #: Reason and detector of the stop, announced once the stop is final.
+        self._stop_reason = ""
+        self._stop_detector = ""
+        #: Latest call time already released without shutdown, for the late stop warning.
+        self._released_before_stop = float("-inf")
+        self._signals_ignored: set[int] = set()
+
+    @property
+    def run_time(self) -> float | None:
+        return self.boundaries.run
+
+    @property
+    def stop_time(self) -> float | None:
+        return self.boundaries.stop
 
     # --- Input --------------------------------------------------------------
 
@@ -122,8 +131,12 @@ class ContainerPhases:
         when = event.event_time or event.wall_time
         if event.name:
             self.name = event.name
+        if event.stop_signal is not None:
+            self.stop_signal = event.stop_signal
         action = event.action
         if action == ContainerAction.START:
+            if event.pid:
+                self.init_pid = event.pid
             self._start(when, out)
             self.observe(event, out)
         elif action == ContainerAction.KILL:
@@ -132,7 +145,7 @@ class ContainerPhases:
                 reason = f"Docker sent {signal_name(event.signal)}"
                 if event.signal == stop_signal:
                     reason += ", the container's stop signal"
-                self._stop(when, reason, "kill", out)
+                self._stop(when, reason, "kill", False, out)
             else:
                 self.log.info(
                     "kill_ignored",
@@ -141,12 +154,35 @@ class ContainerPhases:
                     reason="not the stop signal, so the container keeps running",
                 )
         elif action == ContainerAction.STOP:
-            self._stop(when, "Docker stopped the container", "stop", out)
+            self._stop(when, "Docker stopped the container", "stop", False, out)
         elif action == ContainerAction.DIE:
             self.exit_time = when
             self.exit_code = event.exit_code
         else:
             self.observe(event, out)
+
+    def signal(self, event: SignalRecord, out: list[Event]) -> None:
+        """Start the shutdown at a stop signal that the kernel saw reach the init process from outside."""
+        stop_signal = self.stop_signal or signal.SIGTERM
+        if event.from_container or (self.init_pid and event.pid != self.init_pid):
+            # Processes of a container signal each other (postgres does), and
+            # Docker's stop signal goes to the init process from outside.
+            return
+        if event.signal not in (stop_signal, signal.SIGKILL):
+            if event.signal not in self._signals_ignored:
+                self._signals_ignored.add(event.signal)
+                self.log.info(
+                    "signal_ignored",
+                    container=self.container_id,
+                    signal=signal_name(event.signal),
+                    sender=event.sender_comm,
+                    reason="not the stop signal, so the container keeps running",
+                )
+            return
+        reason = f"{event.sender_comm or 'pid ' + str(event.sender_pid)} sent {signal_name(event.signal)}"
+        if event.signal == stop_signal:
+            reason += ", the container's stop signal"
+        self._stop(event.record_time, reason + f" ({event.syscall}, kernel time)", "signal", True, out)
 
     def _start(self, when: float, out: list[Event]) -> None:
         if self.started_at is not None:
@@ -158,32 +194,52 @@ class ContainerPhases:
         self.detector = self.settings.detector.create(when)
         self._announce(Phase.BOOTING, "the container started", "start", when, out)
 
-    def _stop(self, when: float, reason: str, detector: str, out: list[Event]) -> None:
-        if self.stop_time is not None:
+    def _stop(self, when: float, reason: str, detector: str, from_kernel: bool, out: list[Event]) -> None:
+        """Take ``when`` as the start of shutdown unless an earlier stop is known."""
+        boundaries = self.boundaries
+        if boundaries.stop is not None and (boundaries.stop < when or boundaries.stop_from_kernel):
             return
-        # NOTE: Docker logs the kill event after the signal has reached the
-        # container (6 to 14 ms later in nginx traces on a 2-core host), so a server that
-        # exits faster than that leaves its whole shutdown in running.
-        self.stop_time = when
-        if self.released_before_stop and self._last_running_start >= when:
+        if self.phase == Phase.SHUTDOWN:
+            # The shutdown was announced from Docker's event after ``lag``, and its syscalls were placed.
+            if from_kernel:
+                self.log.warning(
+                    "late_stop_signal",
+                    container=self.container_id,
+                    detail="the kernel's record of the stop signal arrived after the shutdown was announced "
+                    "from Docker's later event; the shutdown keeps Docker's time",
+                )
+            return
+        if when <= self._released_before_stop:
             self.log.warning(
                 "late_stop_event",
                 container=self.container_id,
+                detector=detector,
                 detail="some syscalls after the stop were already written to running, because the stop "
                 "event arrived later than lag; running only gains syscalls from this",
             )
-        self._announce(Phase.SHUTDOWN, reason, detector, when, out)
+        boundaries.stop = when
+        boundaries.stop_from_kernel = from_kernel
+        self._stop_reason = reason
+        self._stop_detector = detector
+        if from_kernel:
+            self._announce_stop(out)
+
+    def _announce_stop(self, out: list[Event]) -> None:
+        stop = self.boundaries.stop
+        if stop is not None and self.phase != Phase.SHUTDOWN:
+            self._announce(Phase.SHUTDOWN, self._stop_reason, self._stop_detector, stop, out)
 
     # --- Decisions ----------------------------------------------------------
 
     def _ready(self, readiness: Readiness | None, out: list[Event]) -> None:
         if readiness is None or self.readiness is not None or self.incomplete is not None:
             return
-        if self.stop_time is not None and readiness.time >= self.stop_time:
+        stop = self.boundaries.stop
+        if stop is not None and readiness.time >= stop:
             self.log.info("readiness_after_stop", container=self.container_id, detector=readiness.detector)
             return
         self.readiness = readiness
-        self.run_time = readiness.time
+        self.boundaries.run = readiness.time
         self._announce(Phase.RUNNING, readiness.reason, readiness.detector, readiness.time, out)
 
     def _announce(self, phase: Phase, reason: str, detector: str, when: float, out: list[Event]) -> None:
@@ -210,7 +266,8 @@ class ContainerPhases:
         if self.readiness is not None or self.incomplete is not None:
             return
         described = self.settings.detector.describe()
-        end = self.stop_time if self.stop_time is not None else self.exit_time
+        stop = self.boundaries.stop
+        end = stop if stop is not None else self.exit_time
         if end is None:
             if final:
                 self._incomplete(
@@ -219,7 +276,7 @@ class ContainerPhases:
             return
         if not final and complete_before <= end:
             return
-        if self.stop_time is not None:
+        if stop is not None:
             self._incomplete(
                 "stopped_while_booting", f"the container was stopped before {described} found it ready", out
             )
@@ -247,6 +304,9 @@ class ContainerPhases:
                 out,
             )
         self._check_booting_end(complete_before, False, out)
+        stop = self.boundaries.stop
+        if stop is not None and self._stop_is_final(complete_before, final=False):
+            self._announce_stop(out)
         self._release(complete_before, final=False, out=out)
 
     def finish(self, out: list[Event]) -> None:
@@ -254,50 +314,49 @@ class ContainerPhases:
         if self.phase is None:
             self._announce(Phase.BOOTING, "the container started", "start", self.started_at or 0.0, out)
         self._check_booting_end(float("inf"), True, out)
+        self._announce_stop(out)
         self._release(float("inf"), final=True, out=out)
+
+    def _stop_is_final(self, complete_before: float, final: bool) -> bool:
+        """Return whether no earlier stop can arrive any more."""
+        if final or self.boundaries.stop_from_kernel:
+            return True
+        if self.exit_time is not None and complete_before > self.exit_time:
+            return True
+        stop = self.boundaries.stop
+        return stop is not None and complete_before > stop
+
+    def _decided(self, time: float, complete_before: float, final: bool) -> bool:
+        """Return whether the phases of a call at ``time`` can no longer change."""
+        if final:
+            return True
+        boundaries = self.boundaries
+        if boundaries.stop is not None and time >= boundaries.stop:
+            return True  # shutdown, and an earlier stop would keep it there
+        if boundaries.run is None:
+            if self.readiness is None and self.incomplete is None:
+                return False  # the detector may still fire before it
+        elif time < boundaries.run:
+            return True
+        # Before the stop: a stop, or an earlier one, may still arrive.
+        return self._stop_is_final(complete_before, final) or time < complete_before
 
     def _release(self, complete_before: float, final: bool, out: list[Event]) -> None:
         if not self.held:
             return
-        # Without readiness, booting ends only when the detector has given up.
-        booting_final = final or self.readiness is not None or self.incomplete is not None
-        if not booting_final and self.stop_time is None:
-            return
+        if not final and self.readiness is None and self.incomplete is None and self.boundaries.stop is None:
+            return  # still booting: nothing can be placed before the detector decides
         kept: list[SyscallEvent] = []
         for event in self.held:
-            phase = self._phase_of(event, complete_before, booting_final, final)
-            if phase is None:
+            times = times_of(event)
+            if not all(self._decided(time, complete_before, final) for time in times):
                 kept.append(event)
                 continue
-            if phase == Phase.RUNNING and self.stop_time is None:
-                self.released_before_stop += 1
-                self._last_running_start = max(self._last_running_start, interval(event)[0])
-            out.append(dataclasses.replace(event, phase=phase))
+            pieces = place(event, self.boundaries)
+            if not any(piece.phase == Phase.SHUTDOWN for piece in pieces):
+                self._released_before_stop = max(self._released_before_stop, max(times))
+            out.extend(pieces)
         self.held = kept
-
-    def _phase_of(
-        self, event: SyscallEvent, complete_before: float, booting_final: bool, final: bool
-    ) -> Phase | None:
-        start, end = interval(event)
-        stop = self.stop_time
-        if stop is not None and start >= stop:
-            return Phase.SHUTDOWN
-        run = self.run_time
-        if run is None:
-            if not booting_final:
-                return None
-            if stop is not None and end >= stop:
-                return Phase.RUNNING  # straddles the booting-shutdown boundary
-            return Phase.BOOTING
-        if end < run:
-            return Phase.BOOTING
-        if start < run or stop is not None:
-            return Phase.RUNNING
-        # The stop is unknown, so a kill event with a time before ``start``
-        # may still arrive, until ``lag`` has passed.
-        if final or start < complete_before or self.exit_time is not None and complete_before > self.exit_time:
-            return Phase.RUNNING
-        return None
 
 
 class PhaseMachine:
@@ -334,6 +393,8 @@ class PhaseMachine:
         out.append(event)
         if isinstance(event, ContainerEvent) and container_id:
             self.container(container_id).lifecycle(event, out)
+        elif isinstance(event, SignalRecord) and container_id in self.containers:
+            self.containers[container_id].signal(event, out)
         elif isinstance(event, self._detector_types) and container_id in self.containers:
             # Samples and output lines do not make a container traced; its
             # lifecycle events and syscalls do.

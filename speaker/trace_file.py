@@ -8,11 +8,15 @@ a syscall row::
 
     {"type": "syscall_second", "container_id": "...", "second": 1796411519,
      "phase": "running", "start_time": 1796411519.02, "end_time": 1796411519.98,
-     "syscalls": {"x86_64": {"epoll_wait": 10, "read": 3}}}
+     "syscalls": {"x86_64": {"epoll_wait": 10, "read": 3}},
+     "spans": {"x86_64": {"epoll_wait": [1796411519.02, 1796411519.98], "read": [1796411519.5, 1796411519.6]}}}
 
 A row contains the syscalls of one container whose records started in one
 second of kernel time and were assigned to one phase, with the first and
-last record times. Several rows may share a key; readers add them up.
+last record times. ``spans``, present when the audit sources tracked them,
+gives the first and last record time of each syscall, so that ``rephase``
+can place each syscall exactly. Several rows may share a key; readers add
+them up.
 """
 
 from __future__ import annotations
@@ -83,12 +87,17 @@ def row_event(data: dict) -> SyscallCounts:
         for name, count in names.items():
             key = SyscallKey(0, arch, _number(arch, name), name)
             counts[key] = counts.get(key, 0) + int(count)
+    spans: dict[SyscallKey, tuple[float, float]] = {}
+    for arch, names in data.get("spans", {}).items():
+        for name, (first, last) in names.items():
+            spans[SyscallKey(0, arch, _number(arch, name), name)] = (float(first), float(last))
     phase = data.get("phase")
     return SyscallCounts(
         container_id=data["container_id"],
         start_time=float(data["start_time"]),
         end_time=float(data["end_time"]),
         counts=counts,
+        spans=spans,
         source="trace_log",
         phase=Phase(phase) if phase else None,
     )

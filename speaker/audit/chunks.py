@@ -5,14 +5,22 @@ Both audit sources hand this parser buffers of complete audit.log lines
 Python object per record cannot reach a million records per second. So every
 chunk starts the same way: one ``findall`` captures each record's key, which
 is the text from ``pid=`` to the syscall number. A Counter counts the keys at
-C speed, and only the distinct keys, usually a few dozen, are decoded. Then
-the serial numbers are checked in one of three ways:
+C speed, and only the distinct keys, usually a few dozen, are decoded.
+
+Each key also gets the kernel times of its first and last record in the
+chunk (its *span*), which the phase machine needs to place keys whose calls
+straddle a phase boundary. The order of the keys' first and last records,
+which two dicts built at C speed provide, lets a few searches find those
+records, and the times are read from only those lines.
+
+Then the serial numbers are checked in one of three ways:
 
 * **fast**: the chunk contains nothing but SECCOMP records whose serials
   continue the ones seen so far without a gap. The first and last serial and
   the record count prove that, so no other serial is read;
 * **bulk**: other record types or a gap: one more ``findall`` reads every
-  record's serial for the serial tracker;
+  record's serial for the serial tracker. The records of stop signals
+  (``speaker.audit.signals``) can only be in such chunks;
 * **exact**: a SECCOMP record whose key does not parse, or per-record
   output requested: each line is parsed on its own, and lines
   that are not records are counted as garbled. This path is about ten times
@@ -39,9 +47,12 @@ from speaker.audit.records import (
     is_daemon_type,
 )
 from speaker.audit.serials import SerialTracker
+from speaker.audit.signals import SignalScanner, SignalSend
 
 #: (pid, libseccomp arch name, syscall number)
 CountKey = tuple[int, str, int]
+#: Kernel times of the first and last record of a key, in seconds since the epoch.
+Span = tuple[float, float]
 
 _SECCOMP_MARK = b"type=SECCOMP msg=audit("
 # One group from the pid to the syscall number: six space-separated values
@@ -49,7 +60,11 @@ _SECCOMP_MARK = b"type=SECCOMP msg=audit("
 # work per record small. KEY_FIELDS checks the field names of each distinct
 # key, which also rejects the keys this finds in other record types (the
 # "ppid=1 pid=2 auid=..." of a SYSCALL record, for example).
-_KEY = re.compile(rb"pid=([^ ]+ [^ ]+ [^ ]+ [^ ]+ [^ ]+ [^ ]+)")
+_KEY = re.compile(rb"pid=([^ ]++ [^ ]++ [^ ]++ [^ ]++ [^ ]++ [^ ]++)")
+# The same key with its record's time, for chunks that also contain other
+# record types. The lazy scan starts after the header, so it finds the same
+# "pid=" as _KEY does in a SECCOMP line.
+_TIMED_KEY = re.compile(rb"type=SECCOMP msg=audit\((\d+\.\d+):\d+\): [^\n]*?pid=([^ ]+ [^ ]+ [^ ]+ [^ ]+ [^ ]+ [^ ]+)")
 _STAMP = re.compile(rb"type=SECCOMP msg=audit\((\d+\.\d+):(\d+)\)")
 # The serial of every record except auditd's own (DAEMON_START and so on),
 # which auditd numbers from its own counter.
@@ -68,6 +83,11 @@ class ChunkResult:
     """Counts, times and losses of one chunk."""
 
     counts: collections.Counter[CountKey] = dataclasses.field(default_factory=collections.Counter)
+    #: Kernel times of each key's first and last record in the chunk. These are
+    #: the earliest and latest times unless the kernel queued records of two
+    #: CPUs one place out of order. Such a swap moves a time by less than the
+    #: clock's resolution (one jiffy).
+    spans: dict[CountKey, Span] = dataclasses.field(default_factory=dict)
     #: SECCOMP records counted in ``counts``.
     records: int = 0
     #: Minimum and maximum kernel time of the counted records, 0.0 when there are none.
@@ -79,8 +99,19 @@ class ChunkResult:
     garbled_example: bytes = b""
     #: Each record, only when the parser was asked to keep them.
     seccomp: list[SeccompRecord] = dataclasses.field(default_factory=list)
+    #: Signals sent by kill, tkill, tgkill or pidfd_send_signal, when the audit rule records them.
+    signals: list[SignalSend] = dataclasses.field(default_factory=list)
     #: ``fast``, ``bulk`` or ``exact``: how the serials were checked.
     path: str = ""
+
+    def remove(self, key: CountKey) -> int:
+        """Drop the records of ``key`` from the counts, spans and record count; return how many there were."""
+        count = self.counts.pop(key, 0)
+        if self.spans.pop(key, None) is not None:
+            self.start_time = min((span[0] for span in self.spans.values()), default=0.0)
+            self.end_time = max((span[1] for span in self.spans.values()), default=0.0)
+        self.records -= count
+        return count
 
 
 class ChunkParser:
@@ -89,6 +120,7 @@ class ChunkParser:
     def __init__(self, tracker: SerialTracker, keep_records: bool = False) -> None:
         self.tracker = tracker
         self.keep_records = keep_records
+        self.signals = SignalScanner()
         self._keys: dict[bytes, CountKey | None] = {}
         self._arches: dict[tuple[bytes, int], str] = {}
 
@@ -103,43 +135,91 @@ class ChunkParser:
         if self.keep_records:
             return self._parse_exact(bytes(buffer[:end]))
         records = buffer.count(_SECCOMP_MARK, 0, end)
-        raw_keys = _KEY.findall(buffer, 0, end)
-        counts: collections.Counter[CountKey] = collections.Counter()
-        foreign_keys = 0
-        for raw, count in collections.Counter(raw_keys).items():
-            key = self._decode_key(raw)
-            if key is None:
-                foreign_keys += count
-            else:
-                counts[key] += count
-        if len(raw_keys) - foreign_keys != records:
-            return self._parse_exact(bytes(buffer[:end]))
-
-        result = ChunkResult(counts=counts, records=records)
         if records:
             first = _STAMP.search(buffer, 0, end)
             last_start = buffer.rfind(_SECCOMP_MARK, 0, end)
             last = _STAMP.match(buffer, last_start, end)
             assert first is not None and last is not None
-            # NOTE: the kernel times a record when it starts it and queues it when
-            # it finishes it, so the first and last line can be one record out of
-            # order. Their times then differ from the true minimum and maximum by
-            # less than the clock's 4 ms resolution.
-            times = (float(first.group(1)), float(last.group(1)))
-            result.start_time, result.end_time = min(times), max(times)
+            first_serial, last_serial = int(first.group(2)), int(last.group(2))
             if (
-                foreign_keys == 0
-                and first.start() == 0
+                first.start() == 0
                 and buffer.rfind(b"\n", 0, end - 1) + 1 == last_start
                 and self.tracker.open_holes == 0
-                and self.tracker.extends(int(first.group(2)))
-                and int(last.group(2)) - int(first.group(2)) + 1 == records
+                and self.tracker.extends(first_serial)
+                and last_serial - first_serial + 1 == records
             ):
-                self.tracker.add_run(int(first.group(2)), int(last.group(2)))
-                result.path = "fast"
-                return result
+                result = self._parse_fast(buffer, end, records)
+                if result is not None:
+                    self.tracker.add_run(first_serial, last_serial)
+                    return result
+        return self._parse_bulk(buffer, end, records)
+
+    def _parse_fast(self, buffer: bytes | bytearray, end: int, records: int) -> ChunkResult | None:
+        """Count a chunk of SECCOMP lines only; return None when a line does not fit, so the bulk path decides."""
+        raw_keys = _KEY.findall(buffer, 0, end)
+        if len(raw_keys) != records:
+            return None
+
+        # A Counter keeps its keys in the order of their first records, and
+        # the dict below in the order of their last records, from the end. So
+        # each key's first (or last) record is found by one search that starts
+        # where the previous key's ended, and all searches together read the
+        # chunk about twice, at C speed.
+        in_first_order = collections.Counter(raw_keys)
+        in_last_order = dict.fromkeys(reversed(raw_keys))
+        counts: collections.Counter[CountKey] = collections.Counter()
+        firsts: dict[bytes, tuple[CountKey, float]] = {}
+        position = -1
+        for raw, count in in_first_order.items():
+            key = self._decode_key(raw)
+            if key is None:
+                return None
+            counts[key] += count
+            position = buffer.find(b"pid=" + raw + b" ", position + 1, end)
+            if position < 0:
+                return None
+            firsts[raw] = (key, _line_time(buffer, position))
+
+        spans: dict[CountKey, Span] = {}
+        position = end
+        for raw in in_last_order:
+            position = buffer.rfind(b"pid=" + raw + b" ", 0, position)
+            if position < 0:
+                return None
+            key, first = firsts[raw]
+            _widen(spans, key, first, _line_time(buffer, position))
+
+        result = ChunkResult(counts=counts, spans=spans, records=records, path="fast")
+        result.start_time = min(span[0] for span in spans.values())
+        result.end_time = max(span[1] for span in spans.values())
+        return result
+
+    def _parse_bulk(self, buffer: bytes | bytearray, end: int, records: int) -> ChunkResult:
+        timed = _TIMED_KEY.findall(buffer, 0, end)
+        counts: collections.Counter[CountKey] = collections.Counter()
+        spans: dict[CountKey, Span] = {}
+        if timed:
+            stamps, raw_keys = zip(*timed)
+            first_stamp = dict(zip(reversed(raw_keys), reversed(stamps)))
+            last_stamp = dict(zip(raw_keys, stamps))
+            valid = 0
+            for raw, count in collections.Counter(raw_keys).items():
+                key = self._decode_key(raw)
+                if key is None:
+                    continue
+                valid += count
+                counts[key] += count
+                _widen(spans, key, float(first_stamp[raw]), float(last_stamp[raw]))
+            if valid != records:
+                return self._parse_exact(bytes(buffer[:end]))
+        elif records:
+            return self._parse_exact(bytes(buffer[:end]))
+        result = ChunkResult(counts=counts, spans=spans, records=records, path="bulk")
+        if spans:
+            result.start_time = min(span[0] for span in spans.values())
+            result.end_time = max(span[1] for span in spans.values())
         self.tracker.add(map(int, _SERIAL.findall(buffer, 0, end)))
-        result.path = "bulk"
+        result.signals = self.signals.scan(buffer, end)
         return result
 
     def _decode_key(self, raw: bytes) -> CountKey | None:
@@ -159,8 +239,8 @@ class ChunkParser:
     def _parse_exact(self, text: bytes) -> ChunkResult:
         result = ChunkResult(path="exact")
         counts = result.counts
+        spans = result.spans
         serials: list[int] = []
-        first_stamp = last_stamp = b""
         for line in text.split(b"\n")[:-1]:
             header = LINE_HEADER.match(line)
             if header is None:
@@ -186,18 +266,16 @@ class ChunkParser:
             arch = self._arches.get((arch_hex, nr))
             if arch is None:
                 arch = self._arches.setdefault((arch_hex, nr), arch_name(int(arch_hex, 16), nr))
-            counts[(int(pid), arch, nr)] += 1
+            key = (int(pid), arch, nr)
+            counts[key] += 1
             result.records += 1
-            # Stamps of one trace have the same width (ten digits for the seconds
-            # from 2001 to 2286, then three for the milliseconds), so they compare like numbers.
-            if not first_stamp or stamp < first_stamp:
-                first_stamp = stamp
-            if stamp > last_stamp:
-                last_stamp = stamp
+            time = float(stamp)
+            span = spans.get(key)
+            spans[key] = (time, time) if span is None else (min(span[0], time), max(span[1], time))
             if self.keep_records:
                 result.seccomp.append(
                     SeccompRecord(
-                        time=float(stamp),
+                        time=time,
                         serial=serials[-1],
                         pid=int(pid),
                         comm=decode_value(comm),
@@ -208,8 +286,10 @@ class ChunkParser:
                     )
                 )
         self.tracker.add(serials)
-        if result.records:
-            result.start_time, result.end_time = float(first_stamp), float(last_stamp)
+        if spans:
+            result.start_time = min(span[0] for span in spans.values())
+            result.end_time = max(span[1] for span in spans.values())
+        result.signals = self.signals.scan(text, len(text))
         return result
 
     @staticmethod
@@ -217,6 +297,18 @@ class ChunkParser:
         if not result.garbled:
             result.garbled_example = line[:EXAMPLE_LENGTH]
         result.garbled += 1
+
+
+def _line_time(buffer: bytes | bytearray, position: int) -> float:
+    """Return the kernel time of the SECCOMP line that contains ``position``."""
+    stamp_start = buffer.rfind(b"\n", 0, position) + 1 + len(_SECCOMP_MARK)
+    return float(buffer[stamp_start : buffer.index(b":", stamp_start)])
+
+
+def _widen(spans: dict[CountKey, Span], key: CountKey, first: float, last: float) -> None:
+    """Merge a key's span into ``spans``; two raw keys can decode to one key (a thread renamed itself)."""
+    span = spans.get(key)
+    spans[key] = (first, last) if span is None else (min(span[0], first), max(span[1], last))
 
 
 def parse_file(path: str | os.PathLike[str], read_size: int = 1 << 20) -> tuple[collections.Counter[CountKey], dict[str, int]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from speaker.audit.chunks import ChunkResult
 from speaker.engine import ExitCode, PipelineContext
-from speaker.events import Event, RecordLoss, SyscallCounts, SyscallKey, SyscallRecord
+from speaker.events import Event, RecordLoss, SignalRecord, SyscallCounts, SyscallKey, SyscallRecord
 
 #: Seconds between two ``garbled_records`` warnings; lines in between are counted into the next one.
 WARNING_INTERVAL = 10.0
@@ -22,6 +22,8 @@ class AuditEvents:
         self.log = log
         self.context = context
         self.records = 0
+        #: SignalRecords emitted so far.
+        self.signals = 0
         self.lost: collections.Counter[str] = collections.Counter()
         self.paths: collections.Counter[str] = collections.Counter()
         self._garbled_unreported = 0
@@ -29,16 +31,41 @@ class AuditEvents:
         self._last_warning = -WARNING_INTERVAL
 
     def from_chunk(self, result: ChunkResult) -> list[Event]:
-        """Return a SyscallCounts (and SyscallRecords, if kept) for a chunk, and a RecordLoss for its garbled lines."""
-        events: list[Event] = []
+        """Return the events of a chunk: its signals, a SyscallCounts (and SyscallRecords, if kept), and a RecordLoss for its garbled lines.
+
+        Signals come first, so that the phase machine has a stop before the
+        syscalls that follow it.
+        """
+        events: list[Event] = [
+            SignalRecord(
+                pid=signal.pid,
+                signal=signal.signal,
+                sender_pid=signal.sender_pid,
+                sender_comm=signal.sender_comm,
+                syscall=signal.syscall,
+                record_time=signal.time,
+                serial=signal.serial,
+                source=self.source,
+            )
+            for signal in result.signals
+        ]
+        self.signals += len(result.signals)
         self.paths[result.path] += 1
         if result.counts:
             self.records += result.records
+            spans = result.spans
+            counts = {}
+            key_spans = {}
+            for (pid, arch, nr), count in result.counts.items():
+                key = SyscallKey(pid, arch, nr)
+                counts[key] = count
+                key_spans[key] = spans[(pid, arch, nr)]
             events.append(
                 SyscallCounts(
                     start_time=result.start_time,
                     end_time=result.end_time,
-                    counts={SyscallKey(pid, arch, nr): count for (pid, arch, nr), count in result.counts.items()},
+                    counts=counts,
+                    spans=key_spans,
                     source=self.source,
                 )
             )
@@ -81,6 +108,7 @@ class AuditEvents:
         self.log.info(
             "audit_summary",
             records=self.records,
+            signals=self.signals,
             lost=dict(self.lost),
             chunks=dict(self.paths),
         )

@@ -8,17 +8,20 @@ then continues with the next newer file. If the file it was reading has been
 deleted, the files between it and the oldest one left were deleted unread:
 the follower then continues with the oldest remaining file and reports that
 records were rotated away.
+
+The file is read with plain blocking calls on the event loop's thread. The
+lines are ones auditd has just written, so they come from the page cache, at
+about 0.1 ms per MiB. Handing each read to a worker thread cost more than
+that: on a 2-core test host the source parsed about 10% fewer records per
+second.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from pathlib import Path
-
-import aiofiles
-import aiofiles.os
-from aiofiles.threadpool.binary import AsyncBufferedReader
 
 
 @dataclasses.dataclass
@@ -56,7 +59,7 @@ class AuditLogFollower:
         self.path = path
         self.from_start = from_start
         self.read_size = read_size
-        self._file: AsyncBufferedReader | None = None
+        self._file: io.FileIO | None = None
         self._current = path
         self._identity: tuple[int, int] = (0, 0)
         self._seen: set[tuple[int, int]] = set()
@@ -72,14 +75,14 @@ class AuditLogFollower:
 
     async def open(self) -> None:
         """Open ``path`` at its end (or its start). Raises OSError."""
-        self._file = await aiofiles.open(self.path, "rb", buffering=0)
+        self._file = io.FileIO(self.path, "rb")
         status = os.fstat(self._file.fileno())
         self._identity = (status.st_dev, status.st_ino)
         self._seen.add(self._identity)
         if not self.from_start and status.st_size:
-            await self._file.seek(status.st_size - 1)
+            self._file.seek(status.st_size - 1)
             # The line being written at the end belongs to a record from before the trace.
-            self._skip_partial = await self._file.read(1) != b"\n"
+            self._skip_partial = self._file.read(1) != b"\n"
 
     def leftover(self) -> bytes:
         """Return the partial last line that no newline has completed yet."""
@@ -87,7 +90,7 @@ class AuditLogFollower:
 
     async def close(self) -> None:
         if self._file is not None:
-            await self._file.close()
+            self._file.close()
             self._file = None
 
     async def read(self) -> Chunk | Switch | None:
@@ -108,7 +111,7 @@ class AuditLogFollower:
                 # One line longer than the buffer: make room for it.
                 self._buffer.extend(bytes(len(self._buffer)))
             view = memoryview(self._buffer)[self._have :]
-            size = await self._file.readinto(view)
+            size = self._file.readinto(view)
             view.release()
             if not size:
                 return None
@@ -133,7 +136,7 @@ class AuditLogFollower:
         """After the end of the current file, move to the next file if auditd has rotated."""
         assert self._file is not None
         try:
-            status = await aiofiles.os.stat(self.path)
+            status = os.stat(self.path)
         except FileNotFoundError:
             # auditd renamed the log and has not created the new one yet.
             return None
@@ -150,8 +153,8 @@ class AuditLogFollower:
         previous = self._current
         partial = bytes(self._buffer[: self._have])
         self._have = 0
-        await self._file.close()
-        self._file = await aiofiles.open(following, "rb", buffering=0)
+        self._file.close()
+        self._file = io.FileIO(following, "rb")
         opened = os.fstat(self._file.fileno())
         self._identity = (opened.st_dev, opened.st_ino)
         self._seen.add(self._identity)

@@ -21,6 +21,7 @@ import platform
 import struct
 import threading
 
+from speaker.audit.chunks import ChunkResult
 from speaker.audit.records import AUDIT_ARCH_X86_64, SECCOMP_RET_LOG
 
 _GETPPID_X86_64 = 110
@@ -82,6 +83,6 @@ class DrainMarker:
         libc.syscall(_GETPPID_X86_64)
         outcome.append("")
 
-    def take(self, counts: dict) -> int:
-        """Remove marker records from parsed counts; return how many there were."""
-        return counts.pop(self.key, 0)
+    def take(self, result: ChunkResult) -> int:
+        """Remove marker records from a parsed chunk; return how many there were."""
+        return result.remove(self.key)

@@ -21,6 +21,10 @@ NETLINK_AUDIT = 9
 AUDIT_NLGRP_READLOG = 1
 AUDIT_GET = 1000
 AUDIT_SET = 1001
+AUDIT_ADD_RULE = 1011
+AUDIT_DEL_RULE = 1012
+AUDIT_LIST_RULES = 1013
+NLMSG_DONE = 3
 NLMSG_ERROR = 2
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
@@ -28,6 +32,7 @@ NLM_F_ACK = 0x4
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 #: Bits of ``audit_status.mask`` that select the fields AUDIT_SET changes.
+AUDIT_STATUS_ENABLED = 0x0001
 AUDIT_STATUS_RATE_LIMIT = 0x0008
 AUDIT_STATUS_BACKLOG_LIMIT = 0x0010
 
@@ -112,17 +117,65 @@ def get_status(timeout: float = 2.0) -> AuditStatus:
     return AuditStatus.from_bytes(reply)
 
 
-def set_status(*, rate_limit: int | None = None, backlog_limit: int | None = None, timeout: float = 2.0) -> None:
+def set_status(
+    *,
+    rate_limit: int | None = None,
+    backlog_limit: int | None = None,
+    enabled: int | None = None,
+    timeout: float = 2.0,
+) -> None:
     """Send AUDIT_SET for the given fields. Raises AuditRequestError (EPERM without CAP_AUDIT_CONTROL)."""
     mask = 0
+    if enabled is not None:
+        mask |= AUDIT_STATUS_ENABLED
     if rate_limit is not None:
         mask |= AUDIT_STATUS_RATE_LIMIT
     if backlog_limit is not None:
         mask |= AUDIT_STATUS_BACKLOG_LIMIT
     if not mask:
         return
-    payload = _STATUS.pack(mask, 0, 0, 0, rate_limit or 0, backlog_limit or 0, 0, 0, 0, 0, 0)
+    payload = _STATUS.pack(mask, enabled or 0, 0, 0, rate_limit or 0, backlog_limit or 0, 0, 0, 0, 0, 0)
     _request(AUDIT_SET, payload, expect_reply=False, timeout=timeout)
+
+
+def add_rule(rule: bytes, timeout: float = 2.0) -> None:
+    """Send AUDIT_ADD_RULE with a ``struct audit_rule_data``. Raises AuditRequestError (EEXIST for a rule already loaded)."""
+    _request(AUDIT_ADD_RULE, rule, expect_reply=False, timeout=timeout)
+
+
+def delete_rule(rule: bytes, timeout: float = 2.0) -> None:
+    """Send AUDIT_DEL_RULE with the same ``struct audit_rule_data`` as the addition. Raises AuditRequestError (ENOENT when absent)."""
+    _request(AUDIT_DEL_RULE, rule, expect_reply=False, timeout=timeout)
+
+
+def list_rules(timeout: float = 2.0) -> list[bytes]:
+    """Return the loaded rules as ``struct audit_rule_data`` payloads, in the kernel's order."""
+    seq = next(_sequence) & 0xFFFFFFFF
+    message = NLMSG_HEADER.pack(NLMSG_HEADER.size, AUDIT_LIST_RULES, NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+    rules: list[bytes] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_AUDIT) as sock:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        try:
+            sock.sendto(message, (0, 0))
+        except OSError as exc:
+            raise AuditRequestError(exc.errno, f"listing audit rules failed: {exc.strerror}") from exc
+        while True:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                raise AuditRequestError(errno.ETIMEDOUT, f"the kernel did not list its audit rules within {timeout} s") from None
+            for reply_type, reply_seq, body in iter_messages(data):
+                if reply_seq != seq:
+                    continue
+                if reply_type == NLMSG_ERROR:
+                    (code,) = _ERROR_CODE.unpack_from(body)
+                    if code:
+                        raise AuditRequestError(-code, f"listing audit rules failed: {os.strerror(-code)}")
+                elif reply_type == AUDIT_LIST_RULES:
+                    rules.append(body)
+                elif reply_type == NLMSG_DONE:
+                    return rules
 
 
 def _request(msg_type: int, payload: bytes, *, expect_reply: bool, timeout: float) -> bytes | None:

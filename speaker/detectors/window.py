@@ -23,8 +23,9 @@ class Window(Detector):
     """Fire when ``seconds`` consecutive one-second slots have equal syscall sets of fewer than ``max_syscalls``.
 
     Slots are whole seconds of kernel record time, starting with the second
-    in which the container started. A count whose interval spans several
-    slots adds its syscalls to each of them. Slots without syscalls have the
+    in which the container started. A count with spans adds each syscall to
+    the slots from its first call to its last. A count without spans adds all
+    its syscalls to every slot that its interval reaches. Slots without syscalls have the
     empty set, so a server that sleeps without timers counts as steady.
     The readiness time is the end of the last slot of the window.
     """
@@ -44,6 +45,13 @@ class Window(Detector):
         # NOTE: syscalls of a second that was already evaluated (they arrived
         # later than the caller's lag) are left out of the window.
         if isinstance(event, SyscallCounts):
+            if event.spans:
+                # Each syscall goes only into the slots between its own first and last call.
+                for key, (first_time, last_time) in event.spans.items():
+                    name = key.name or f"{key.arch}:{key.nr}"
+                    for slot in range(max(math.floor(first_time), self._next_slot), math.floor(last_time) + 1):
+                        self._slots[slot].add(name)
+                return None
             first = max(math.floor(event.start_time), self._next_slot)
             last = math.floor(event.end_time)
             names = [key.name or f"{key.arch}:{key.nr}" for key in event.counts]

@@ -21,6 +21,7 @@ from speaker.events import (
     PhaseChange,
     ProcessSample,
     RecordLoss,
+    SignalRecord,
     SyscallCounts,
     SyscallRecord,
     TraceIncomplete,
@@ -46,15 +47,18 @@ class _Row:
     end_time: float
     #: Calls per syscall name, per arch.
     syscalls: dict[str, dict[str, int]]
+    #: First and last record time per syscall name, per arch, for the calls whose source tracks them.
+    spans: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
 
 
 class TraceLog(Sink):
     """Write per-second, per-container syscall sets and the lifecycle, phase and sample events as JSON lines.
 
     Each syscall row covers one container, one second of kernel record time
-    and one phase, with the exact first and last record times it contains.
-    A row is written when it is ``flush_every`` old, so a later event of the
-    same second can produce a second row with the same key: readers merge them.
+    and one phase, with the exact first and last record times it contains,
+    and those of each syscall when the audit sources tracked them. A row is
+    written when it is ``flush_every`` old, so a later event of the same
+    second can produce a second row with the same key: readers merge them.
     """
 
     type_name = "trace_log"
@@ -62,6 +66,7 @@ class TraceLog(Sink):
     accepts = (
         SyscallCounts,
         SyscallRecord,
+        SignalRecord,
         ContainerEvent,
         ContainerOutput,
         ProcessSample,
@@ -89,7 +94,15 @@ class TraceLog(Sink):
         for event in batch:
             if isinstance(event, SyscallCounts):
                 calls = ((key.arch, key.name, count) for key, count in event.counts.items())
-                self._add(event.container_id, event.phase, event.start_time, event.end_time, calls)
+                row = self._add(event.container_id, event.phase, event.start_time, event.end_time, calls)
+                for key, (first, last) in event.spans.items():
+                    names = row.spans.setdefault(key.arch, {})
+                    span = names.get(key.name)
+                    if span is None:
+                        names[key.name] = [first, last]
+                    else:
+                        span[0] = min(span[0], first)
+                        span[1] = max(span[1], last)
             elif isinstance(event, SyscallRecord):
                 calls = ((event.arch, event.name, 1),)
                 self._add(event.container_id, event.phase, event.record_time, event.record_time, calls)
@@ -105,11 +118,12 @@ class TraceLog(Sink):
 
     def _add(
         self, container: str, phase: Phase | None, start: float, end: float, calls: Iterable[tuple[str, str, int]]
-    ) -> None:
+    ) -> _Row:
         row = self._row(container, phase, start, end)
         for arch, name, count in calls:
             names = row.syscalls.setdefault(arch, {})
             names[name] = names.get(name, 0) + count
+        return row
 
     def _row(self, container: str, phase: Phase | None, start: float, end: float) -> _Row:
         key = (container, math.floor(start), str(phase) if phase is not None else "")
@@ -124,20 +138,18 @@ class TraceLog(Sink):
     def _take_rows(self) -> list[str]:
         lines = []
         for (container, second, phase), row in sorted(self._rows.items(), key=lambda item: item[0][1]):
-            lines.append(
-                json.dumps(
-                    {
-                        "type": ROW_TYPE,
-                        "container_id": container,
-                        "second": second,
-                        "phase": phase or None,
-                        "start_time": row.start_time,
-                        "end_time": row.end_time,
-                        "syscalls": {arch: dict(sorted(names.items())) for arch, names in sorted(row.syscalls.items())},
-                    },
-                    separators=(",", ":"),
-                )
-            )
+            data = {
+                "type": ROW_TYPE,
+                "container_id": container,
+                "second": second,
+                "phase": phase or None,
+                "start_time": row.start_time,
+                "end_time": row.end_time,
+                "syscalls": {arch: dict(sorted(names.items())) for arch, names in sorted(row.syscalls.items())},
+            }
+            if row.spans:
+                data["spans"] = {arch: dict(sorted(names.items())) for arch, names in sorted(row.spans.items())}
+            lines.append(json.dumps(data, separators=(",", ":")))
         self.rows_written += len(lines)
         self._rows.clear()
         self._last_write = time.monotonic()

@@ -18,7 +18,7 @@ from speaker.audit.marker import DrainMarker
 from speaker.audit.serials import SerialTracker
 from speaker.component import Output, Source
 from speaker.errors import ComponentError
-from speaker.events import Event, RecordLoss, SyscallCounts, SyscallRecord
+from speaker.events import Event, RecordLoss, SignalRecord, SyscallCounts, SyscallRecord
 from speaker.options import ByteSize, Duration, option
 
 
@@ -51,6 +51,14 @@ class AuditLogOptions:
     backlog_limit: int = option(
         8192, min=64, help="Audit backlog, in records, while tracing; a larger current value is kept."
     )
+    stop_signals: bool = option(
+        True,
+        help="Load an audit rule that records kill, tkill, tgkill and pidfd_send_signal calls (except signal 0 "
+        "and SIGURG) while tracing, and emit a SignalRecord for each, so that the shutdown starts at the "
+        "kernel time of the stop signal instead of Docker's later kill event (needs CAP_AUDIT_CONTROL, and "
+        "enables audit if it is disabled and adjust_kernel is true). While loaded, the rule makes every "
+        "syscall on the host slower, by about 0.3 to 1 µs on a 2-core test VM.",
+    )
     gap_grace: Duration = option(
         Duration.parse("2s"),
         help="Time a missing serial number may stay missing (records can arrive out of order) before it counts as lost.",
@@ -74,7 +82,7 @@ class AuditLog(Source):
 
     type_name = "audit_log"
     Options = AuditLogOptions
-    emits = (SyscallCounts, SyscallRecord, RecordLoss)
+    emits = (SyscallCounts, SyscallRecord, SignalRecord, RecordLoss)
 
     async def setup(self) -> None:
         options = self.options
@@ -84,7 +92,12 @@ class AuditLog(Source):
         self.events = AuditEvents(self.name, self.log, self.context)
         self.replay = options.stop_at_end
         self.marker = DrainMarker()
-        self.kernel = KernelAudit(options.adjust_kernel and not self.replay, options.backlog_limit, self.log)
+        self.kernel = KernelAudit(
+            options.adjust_kernel and not self.replay,
+            options.backlog_limit,
+            self.log,
+            signal_rule=options.stop_signals and not self.replay,
+        )
         self.follower = AuditLogFollower(
             options.path, from_start=options.start == "beginning", read_size=int(options.read_size)
         )
@@ -108,7 +121,10 @@ class AuditLog(Source):
                 await self.kernel.start()
                 self._check_auditd()
         except BaseException:
-            await self.follower.close()
+            # Teardown runs only after a finished setup, so undo the kernel changes here.
+            with anyio.CancelScope(shield=True):
+                await self.follower.close()
+                await self.kernel.stop()
             raise
         self.log.info("audit_log_opened", path=str(options.path), start=options.start, lost=self.kernel.lost)
 
@@ -141,9 +157,10 @@ class AuditLog(Source):
                 events: list[Event] = []
                 markers = 0
                 if isinstance(item, Chunk):
-                    result = await anyio.to_thread.run_sync(self.parser.parse, item.buffer, item.end)
-                    markers = self.marker.take(result.counts)
-                    result.records -= markers
+                    # Parsed on the event loop's thread: a hop to a worker thread per
+                    # chunk made the source about a third slower on a 2-core host.
+                    result = self.parser.parse(item.buffer, item.end)
+                    markers = self.marker.take(result)
                     events += self.events.from_chunk(result)
                 elif isinstance(item, Switch):
                     events += self._switched(item)

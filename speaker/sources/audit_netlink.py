@@ -16,8 +16,11 @@ from speaker.audit.reader import MulticastReader
 from speaker.audit.serials import SerialTracker
 from speaker.component import Output, Source
 from speaker.errors import ComponentError
-from speaker.events import Event, RecordLoss, SyscallCounts, SyscallRecord
+from speaker.events import Event, RecordLoss, SignalRecord, SyscallCounts, SyscallRecord
 from speaker.options import ByteSize, Duration, option
+
+#: Bytes of records parsed at once; larger pieces fit the CPU caches worse.
+_PARSE_PIECE = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,14 @@ class AuditNetlinkOptions:
     )
     backlog_limit: int = option(
         8192, min=64, help="Audit backlog, in records, while tracing; a larger current value is kept."
+    )
+    stop_signals: bool = option(
+        True,
+        help="Load an audit rule that records kill, tkill, tgkill and pidfd_send_signal calls (except signal 0 "
+        "and SIGURG) while tracing, and emit a SignalRecord for each, so that the shutdown starts at the "
+        "kernel time of the stop signal instead of Docker's later kill event (needs CAP_AUDIT_CONTROL, and "
+        "enables audit if it is disabled and adjust_kernel is true). While loaded, the rule makes every "
+        "syscall on the host slower, by about 0.3 to 1 µs on a 2-core test VM.",
     )
     flush_interval: Duration = option(
         Duration.parse("100ms"),
@@ -70,7 +81,7 @@ class AuditNetlink(Source):
 
     type_name = "audit_netlink"
     Options = AuditNetlinkOptions
-    emits = (SyscallCounts, SyscallRecord, RecordLoss)
+    emits = (SyscallCounts, SyscallRecord, SignalRecord, RecordLoss)
 
     async def setup(self) -> None:
         options = self.options
@@ -78,7 +89,7 @@ class AuditNetlink(Source):
         self.tracker = SerialTracker(grace=float(options.gap_grace))
         self.parser = ChunkParser(self.tracker, keep_records=options.records)
         self.events = AuditEvents(self.name, self.log, self.context)
-        self.kernel = KernelAudit(options.adjust_kernel, options.backlog_limit, self.log)
+        self.kernel = KernelAudit(options.adjust_kernel, options.backlog_limit, self.log, signal_rule=options.stop_signals)
         self.marker = DrainMarker()
 
         # TODO: outside the host's network namespace the socket receives no records,
@@ -151,11 +162,20 @@ class AuditNetlink(Source):
         data, overflows = self.reader.take()
         events: list[Event] = []
         markers = 0
-        if data:
-            result = await anyio.to_thread.run_sync(self.parser.parse, data)
-            markers = self.marker.take(result.counts)
-            result.records -= markers
+        # Parsed on the event loop's thread, in pieces with a checkpoint in
+        # between: a hop to a worker thread per batch made parsing about a
+        # third slower on a 2-core host, and a backlog can be hundreds of MiB.
+        start = 0
+        while start < len(data):
+            end = data.rfind(b"\n", start, start + _PARSE_PIECE) + 1
+            if end <= start:
+                end = data.index(b"\n", start + _PARSE_PIECE) + 1  # one line longer than a piece
+            result = self.parser.parse(data if start == 0 and end == len(data) else data[start:end])
+            markers += self.marker.take(result)
             events += self.events.from_chunk(result)
+            start = end
+            if start < len(data):
+                await anyio.lowlevel.checkpoint()
         if overflows:
             events += self.events.losses(
                 {"enobufs": overflows},

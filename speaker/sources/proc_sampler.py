@@ -100,19 +100,24 @@ def read_task(proc: Path, pid: int, tid: int) -> TaskSample | None:
     )
 
 
-def listening_ports(proc: Path, pid: int) -> set[int]:
-    """Return the TCP ports in LISTEN in the network namespace of ``pid`` (IPv4 and IPv6)."""
+def listening_ports(proc: Path, pid: int) -> set[int] | None:
+    """Return the TCP ports in LISTEN in the network namespace of ``pid`` (IPv4 and IPv6).
+
+    Returns None when neither table can be read, because the process exited.
+    """
     ports: set[int] = set()
+    read = False
     for name in ("tcp", "tcp6"):
         try:
             text = _read_text(f"{proc}/{pid}/net/{name}")
         except OSError:
             continue
+        read = True
         for line in text.splitlines()[1:]:
             fields = line.split()
             if len(fields) > 3 and fields[3] == _TCP_LISTEN:
                 ports.add(int(fields[1].rpartition(":")[2], 16))
-    return ports
+    return ports if read else None
 
 
 def sample_container(proc: Path, container_id: str, directory: Path) -> ProcessSample | None:
@@ -131,8 +136,11 @@ def sample_container(proc: Path, container_id: str, directory: Path) -> ProcessS
             if task is not None:
                 tasks.append(task)
         if namespace not in namespaces:
-            namespaces.add(namespace)
-            ports |= listening_ports(proc, pid)
+            found = listening_ports(proc, pid)
+            if found is not None:
+                # A process that exited in between leaves the namespace to the next one.
+                namespaces.add(namespace)
+                ports |= found
     if not tasks:
         return None
     return ProcessSample(

@@ -23,6 +23,7 @@ from speaker.events import (
     Event,
     ProcessSample,
     RecordLoss,
+    SignalRecord,
     SyscallCounts,
     SyscallKey,
     SyscallRecord,
@@ -79,6 +80,8 @@ class Pending:
     end_time: float
     counts: dict[SyscallKey, int]
     template: Event
+    #: First and last record time per key, when the source tracks them.
+    spans: dict[SyscallKey, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 class Classify(Stage):
@@ -88,13 +91,15 @@ class Classify(Stage):
     emitted per container. Counts of other containers and of host processes
     are dropped and counted. Counts from processes that exited before they
     could be attributed become a RecordLoss with reason ``unattributed`` when
-    a traced container was running at the time. Other events pass through.
+    a traced container was running at the time. A SignalRecord goes to the
+    container of the process that received the signal, and is dropped when
+    that container is not traced. Other events pass through.
     """
 
     type_name = "classify"
     Options = ClassifyOptions
-    accepts = (SyscallCounts, SyscallRecord, RecordLoss, ContainerEvent, ContainerOutput, ProcessSample)
-    emits = (SyscallCounts, SyscallRecord, RecordLoss, ContainerEvent, ContainerOutput, ProcessSample)
+    accepts = (SyscallCounts, SyscallRecord, SignalRecord, RecordLoss, ContainerEvent, ContainerOutput, ProcessSample)
+    emits = (SyscallCounts, SyscallRecord, SignalRecord, RecordLoss, ContainerEvent, ContainerOutput, ProcessSample)
     tick_interval = 0.25
 
     @classmethod
@@ -176,6 +181,8 @@ class Classify(Stage):
             await self._classify_counts(event, output)
         elif isinstance(event, SyscallRecord):
             await self._classify_record(event, output)
+        elif isinstance(event, SignalRecord):
+            await self._classify_signal(event, output)
         elif isinstance(event, ContainerEvent):
             await self._container_event(event, output)
             await output.send(event)
@@ -228,7 +235,9 @@ class Classify(Stage):
                     containers[pid] = event.container_id
                 else:
                     containers[pid] = container_at(pid, start, end)
+        spans = event.spans
         grouped: dict[str | None, dict[SyscallKey, int]] = {}
+        grouped_spans: dict[str | None, dict[SyscallKey, tuple[float, float]]] = {}
         for key, count in event.counts.items():
             pid = key.pid
             container = containers[pid]
@@ -238,9 +247,13 @@ class Classify(Stage):
             counts = grouped.get(container)
             if counts is None:
                 counts = grouped[container] = {}
+                grouped_spans[container] = {}
             counts[new_key] = counts.get(new_key, 0) + count
+            span = spans.get(key)
+            if span is not None:
+                merge_span(grouped_spans[container], new_key, span)
         for container, counts in grouped.items():
-            await self._route(event, container, start, end, counts, output)
+            await self._route(event, container, start, end, counts, output, grouped_spans[container])
 
     async def _classify_record(self, event: SyscallRecord, output: Output) -> None:
         when = event.record_time
@@ -258,15 +271,16 @@ class Classify(Stage):
         end: float,
         counts: dict[SyscallKey, int],
         output: Output,
+        spans: dict[SyscallKey, tuple[float, float]] | None = None,
     ) -> None:
         if container == "":
             self.stats["host"] += sum(counts.values())
             return
+        item = Pending(time.monotonic(), start, end, counts, template, spans or {})
         if container is not None and container in self.traced:
-            item = Pending(time.monotonic(), start, end, counts, template)
             await output.send(self._counts_event(template, container, item))
             return
-        self.pending[container].append(Pending(time.monotonic(), start, end, counts, template))
+        self.pending[container].append(item)
 
     def _counts_event(self, template: Event, container: str, item: Pending) -> Event:
         self.stats["attributed"] += sum(item.counts.values())
@@ -274,7 +288,19 @@ class Classify(Stage):
             (key,) = item.counts
             return dataclasses.replace(template, container_id=container, name=key.name)
         assert isinstance(template, SyscallCounts)
-        return dataclasses.replace(template, container_id=container, counts=item.counts)
+        return dataclasses.replace(template, container_id=container, counts=item.counts, spans=item.spans)
+
+    async def _classify_signal(self, event: SignalRecord, output: Output) -> None:
+        """Send a signal on as an event of the receiver's container, when that container is traced."""
+        when = event.record_time
+        with self.lock:
+            receiver = self.pids.container_at(event.pid, when, when)
+            sender = self.pids.container_at(event.sender_pid, when, when) if event.sender_pid else None
+        if not receiver or receiver not in self.traced:
+            self.stats["signals_untraced"] += 1
+            return
+        self.stats["signals"] += 1
+        await output.send(dataclasses.replace(event, container_id=receiver, from_container=sender == receiver))
 
     # --- Expiry -------------------------------------------------------------
 
@@ -301,6 +327,8 @@ class Classify(Stage):
             unattributed_dropped=self.stats["unattributed_dropped"],
             proc_reads=self.pids.proc_reads,
             traced_containers=len(self.traced),
+            signals=self.stats["signals"],
+            signals_untraced=self.stats["signals_untraced"],
         )
 
     async def _expire(self, arrived_before: float, output: Output) -> None:
@@ -348,14 +376,21 @@ class Classify(Stage):
                 elif container == "":
                     self.stats["host"] += sum(counts.values())
                 elif container in self.traced:
+                    spans: dict[SyscallKey, tuple[float, float]] = {}
                     if not per_pid:
+                        for key in counts:
+                            if key in item.spans:
+                                merge_span(spans, key._replace(pid=0), item.spans[key])
                         counts = {key._replace(pid=0): count for key, count in counts.items()}
-                    settled = Pending(item.arrived, item.start_time, item.end_time, counts, item.template)
+                    else:
+                        spans = {key: item.spans[key] for key in counts if key in item.spans}
+                    settled = Pending(item.arrived, item.start_time, item.end_time, counts, item.template, spans)
                     await output.send(self._counts_event(item.template, container, settled))
                 else:
                     self._drop_untraced(container, counts)
             if left:
-                unresolved.append(Pending(item.arrived, item.start_time, item.end_time, left, item.template))
+                left_spans = {key: item.spans[key] for key in left if key in item.spans}
+                unresolved.append(Pending(item.arrived, item.start_time, item.end_time, left, item.template, left_spans))
         return unresolved
 
     async def _report_unattributed(self, items: list[Pending], output: Output) -> None:
@@ -397,3 +432,9 @@ class Classify(Stage):
             for container, traced in self.traced.items()
             if traced.first_seen - hold <= end + SLACK and start - SLACK <= traced.ended
         ]
+
+
+def merge_span(spans: dict[SyscallKey, tuple[float, float]], key: SyscallKey, span: tuple[float, float]) -> None:
+    """Widen the span of ``key`` in ``spans`` to cover ``span`` as well."""
+    known = spans.get(key)
+    spans[key] = span if known is None else (min(known[0], span[0]), max(known[1], span[1]))

@@ -16,6 +16,7 @@ from speaker.events import (
     PhaseChange,
     ProcessSample,
     RecordLoss,
+    SignalRecord,
     SyscallCounts,
     SyscallRecord,
     TraceIncomplete,
@@ -40,7 +41,8 @@ class PhaseMachineOptions:
     lag: Duration = option(
         Duration.parse("1s"),
         help="Maximum delay between an event's own time and its arrival here. Syscalls are held this long "
-        "before they are assigned to running, in case Docker's kill event comes after them.",
+        "before they are assigned to running, in case a stop (Docker's kill event, or the kernel's record of "
+        "the stop signal) comes after them.",
     )
     clock: Literal["wall", "events"] = option(
         "wall",
@@ -53,17 +55,19 @@ class PhaseMachine(Stage):
     """Tag syscall events with their container's phase and emit a PhaseChange at every boundary.
 
     Booting starts with the container, running when the detector fires, and
-    shutdown at Docker's kill event with the stop signal (or its stop event).
-    Syscall events are held until their phase is known; other events pass
-    through at once.
+    shutdown at the first stop signal: the kernel's record of it (a
+    SignalRecord) or Docker's kill event with the stop signal (or its stop
+    event). Syscall events are held until their phases are known; other events
+    pass through at once.
     """
 
     type_name = "phase_machine"
     Options = PhaseMachineOptions
-    accepts = (SyscallCounts, SyscallRecord, RecordLoss, ContainerEvent, ContainerOutput, ProcessSample)
+    accepts = (SyscallCounts, SyscallRecord, SignalRecord, RecordLoss, ContainerEvent, ContainerOutput, ProcessSample)
     emits = (
         SyscallCounts,
         SyscallRecord,
+        SignalRecord,
         RecordLoss,
         ContainerEvent,
         ContainerOutput,

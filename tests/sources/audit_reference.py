@@ -12,6 +12,7 @@ import gzip
 import struct
 from pathlib import Path
 
+from speaker.audit.reader import append_lines
 from tests.conftest import DATA
 
 AUDIT_DATA = DATA / "audit"
@@ -26,8 +27,22 @@ def read_fixture(relative: str) -> bytes:
 
 
 def netlink_datagrams(relative: str) -> list[bytes]:
-    """Return the datagrams of a capture_netlink.py file (4-byte length, then the datagram)."""
-    data = read_fixture(relative)
+    """Return the datagrams of a capture_netlink.py file under tests/data/audit (4-byte length, then the datagram)."""
+    return split_datagrams(read_fixture(relative))
+
+
+def netlink_lines(path: Path) -> bytes:
+    """Return the records of a capture_netlink.py file (gzipped if its name ends in .gz) as audit_netlink writes them."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    pending = bytearray()
+    for datagram in split_datagrams(data):
+        append_lines(pending, datagram, len(datagram))
+    return bytes(pending)
+
+
+def split_datagrams(data: bytes) -> list[bytes]:
     datagrams = []
     offset = 0
     while offset < len(data):
@@ -56,6 +71,30 @@ def reference_counts(text: bytes) -> collections.Counter[tuple[int, str, int]]:
             arch = "x32"
         counts[(int(fields["pid"]), arch, nr)] += 1
     return counts
+
+
+def reference_spans(text: bytes) -> dict[tuple[int, str, int], tuple[float, float]]:
+    """Return the earliest and latest time of the well-formed SECCOMP lines per (pid, arch, nr)."""
+    spans: dict[tuple[int, str, int], tuple[float, float]] = {}
+    for line in text.split(b"\n"):
+        if not line.startswith(b"type=SECCOMP msg=audit("):
+            continue
+        fields = {}
+        for word in line.split(b"\x1d")[0].decode().split(" "):
+            name, equals, value = word.partition("=")
+            if equals:
+                fields[name] = value
+        if not {"pid", "arch", "syscall", "compat"} <= fields.keys():
+            continue
+        nr = int(fields["syscall"])
+        arch = _ARCHES[fields["arch"]]
+        if arch == "x86_64" and nr & 0x40000000:
+            arch = "x32"
+        time = float(fields["msg"].removeprefix("audit(").split(":")[0])
+        key = (int(fields["pid"]), arch, nr)
+        first, last = spans.get(key, (time, time))
+        spans[key] = (min(first, time), max(last, time))
+    return spans
 
 
 def reference_serials(text: bytes) -> list[int]:

@@ -21,7 +21,7 @@ from tests.conftest import PYTHON, ROOT, require_system
 from tests.sources.audit_reference import AUDIT_DATA
 
 #: Prefix of everything these tests create (containers, images, directories).
-PREFIX = "spk-a-"
+PREFIX = "spk-g-"
 LOG_PROFILE = '{"defaultAction":"SCMP_ACT_LOG","architectures":["SCMP_ARCH_X86_64","SCMP_ARCH_X86","SCMP_ARCH_X32"]}'
 
 
@@ -233,7 +233,7 @@ class UnixProxy:
 
 @pytest.fixture(scope="session")
 def private_dockerd(is_root: None, docker_ready: None) -> Iterator[PrivateDockerd]:
-    """A private dockerd with a one-file busybox image, spk-a-busybox."""
+    """A private dockerd with a one-file busybox image, spk-g-busybox."""
     busybox = shutil.which("busybox")
     require_system("busybox", busybox is not None, "install busybox-static")
     root = Path(tempfile.mkdtemp(prefix=PREFIX + "dockerd-"))

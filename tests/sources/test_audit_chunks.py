@@ -15,6 +15,7 @@ from tests.sources.audit_reference import (
     read_fixture,
     reference_counts,
     reference_serials,
+    reference_spans,
 )
 
 GETPPID = 110
@@ -75,6 +76,50 @@ def test_counts_match_reference_parser():
         text = read_fixture(fixture)
         counts, _, _ = parse_in_chunks(text)
         assert counts == reference_counts(text), fixture
+
+
+def merged_spans(results) -> dict:
+    """Return the span of each key over all chunks: its earliest first time and latest last time."""
+    spans: dict = {}
+    for result in results:
+        for key, (first, last) in result.spans.items():
+            known = spans.get(key, (first, last))
+            spans[key] = (min(known[0], first), max(known[1], last))
+    return spans
+
+
+@pytest.mark.parametrize("fixture", ["i386/audit.log", "two/audit.log.gz", "rotation/audit.log.gz"])
+@pytest.mark.parametrize("sizes", [None, [3000, 17000, 500]])
+def test_spans_match_reference(fixture, sizes):
+    text = read_fixture(fixture)
+    counts, results, _ = parse_in_chunks(text, sizes)
+    assert merged_spans(results) == reference_spans(text)
+    assert set(merged_spans(results)) == set(counts)
+    for result in results:
+        if result.spans:
+            assert result.start_time == min(first for first, _ in result.spans.values())
+            assert result.end_time == max(last for _, last in result.spans.values())
+
+
+def test_spans_same_on_every_path():
+    text = read_fixture("two/audit.log.gz")
+    _, fast, _ = parse_in_chunks(text, sizes=[30000])
+    _, exact, _ = parse_in_chunks(text, sizes=[30000], keep_records=True)
+    assert {result.path for result in fast} == {"fast", "bulk"}
+    assert merged_spans(fast) == merged_spans(exact)
+
+
+def test_marker_removed_with_its_span():
+    text = read_fixture("two/audit.log.gz")
+    _, (result,), _ = parse_in_chunks(text)
+    (pid,) = pids_of(text, b'"/storm"') - {max(pids_of(text, b'"/storm"'))}
+    key = (pid, "x86_64", GETPPID)
+    count = result.counts[key]
+    records = result.records
+    assert result.remove(key) == count
+    assert key not in result.spans
+    assert result.records == records - count
+    assert result.start_time == min(first for first, _ in result.spans.values())
 
 
 def test_two_containers_counted_apart():

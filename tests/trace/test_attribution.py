@@ -46,7 +46,7 @@ def _wait_exit(pid: int, timeout: float = 10.0) -> None:
 
 
 def test_short_lived_children_attributed_by_forks(demo_images, is_root):
-    name = f"spk-b-attr-{uuid.uuid4().hex[:8]}"
+    name = f"spk-g-attr-{uuid.uuid4().hex[:8]}"
     # The shell forks short-lived children that write their pids and exit at once.
     script = "for i in 1 2 3; do sh -c 'echo $$ >>/tmp/pids'; done; sleep 30"
     connector = ProcConnector()

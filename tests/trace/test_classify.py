@@ -40,7 +40,7 @@ class Context:
 
 @pytest.fixture
 def two_containers(demo_images, is_root):
-    names = [f"spk-b-classify-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    names = [f"spk-g-classify-{uuid.uuid4().hex[:8]}" for _ in range(2)]
     ids = []
     try:
         for name in names:

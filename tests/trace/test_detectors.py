@@ -96,6 +96,22 @@ def test_window_ignores_large_sets():
     assert detector.advance(T0 + 5) is None
 
 
+def test_window_uses_spans_across_seconds():
+    # One count from 0.9 to 2.05: booting's openat calls end at 0.95, and only
+    # epoll_wait goes on into seconds 1 and 2. Without spans, openat would
+    # fill those seconds too.
+    keys = {SyscallKey(0, "x86_64", 257, "openat"): 5, SyscallKey(0, "x86_64", 232, "epoll_wait"): 9}
+    spans = {
+        SyscallKey(0, "x86_64", 257, "openat"): (T0 + 0.9, T0 + 0.95),
+        SyscallKey(0, "x86_64", 232, "epoll_wait"): (T0 + 0.9, T0 + 2.05),
+    }
+    detector = create({"type": "window", "seconds": 2})
+    detector.observe(SyscallCounts(start_time=T0 + 0.9, end_time=T0 + 2.05, counts=keys, spans=spans))
+    readiness = detector.advance(T0 + 3.0)
+    assert readiness is not None
+    assert readiness.time == T0 + 3.0  # seconds 1 and 2 hold {epoll_wait}
+
+
 def test_window_counts_empty_seconds():
     detector = create({"type": "window", "seconds": 3})
     detector.observe(counts_at(0.5, "execve", "openat"))

@@ -13,6 +13,7 @@ from speaker.events import (
     Phase,
     PhaseChange,
     ProcessSample,
+    SignalRecord,
     SyscallCounts,
     SyscallKey,
     TraceIncomplete,
@@ -211,3 +212,161 @@ def test_any_combinator_in_tracker():
     )
     assert changes(out)[1] == (Phase.RUNNING, "delay", 3.0)
     assert phases_of(out) == {Phase.BOOTING: {"openat"}, Phase.RUNNING: {"read"}}
+
+
+# --- Spans and stop signals ----------------------------------------------------
+
+
+def spanned(container: str, **spans: tuple[float, float]) -> SyscallCounts:
+    """Counts of one call per name, with each name's first and last call time relative to T0."""
+    keys = {name: SyscallKey(0, "x86_64", index, name) for index, name in enumerate(spans)}
+    return SyscallCounts(
+        container_id=container,
+        start_time=T0 + min(first for first, _ in spans.values()),
+        end_time=T0 + max(last for _, last in spans.values()),
+        counts={key: 3 for key in keys.values()},
+        spans={keys[name]: (T0 + first, T0 + last) for name, (first, last) in spans.items()},
+    )
+
+
+def kernel_signal(container: str, at: float, signal_number: int = signal.SIGTERM, **fields: object) -> SignalRecord:
+    values = {"pid": 10, "sender_comm": "runc", "syscall": "kill", **fields}
+    return SignalRecord(container_id=container, signal=signal_number, record_time=T0 + at, **values)
+
+
+def test_spans_put_key_into_every_phase_it_reaches():
+    tracker = machine()
+    out = run_timeline(
+        tracker,
+        [
+            lifecycle(A, ContainerAction.START, 0.0, pid=10, stop_signal=15),
+            spanned(A, read=(1.5, 2.5), openat=(1.0, 1.1)),  # read straddles readiness at 2.0
+            sample(A, 2.0, 6379),
+            spanned(A, epoll_wait=(4.0, 5.5), accept4=(4.0, 4.5), unlink=(5.2, 5.2)),  # epoll_wait straddles the stop
+            kernel_signal(A, 5.0),
+            spanned(A, futex=(1.9, 5.1)),  # booting to shutdown: running lies between
+        ],
+    )
+    assert phases_of(out) == {
+        Phase.BOOTING: {"read", "openat", "futex"},
+        Phase.RUNNING: {"read", "epoll_wait", "accept4", "futex"},
+        Phase.SHUTDOWN: {"epoll_wait", "unlink", "futex"},
+    }
+    # The first phase gets the calls but one per later phase.
+    counts = {
+        event.phase: count
+        for event in out
+        if isinstance(event, SyscallCounts)
+        for key, count in event.counts.items()
+        if key.name == "futex"
+    }
+    assert counts == {Phase.BOOTING: 1, Phase.RUNNING: 1, Phase.SHUTDOWN: 1}
+
+
+def test_kernel_signal_before_docker_kill_wins():
+    tracker = machine()
+    out = run_timeline(
+        tracker,
+        [
+            lifecycle(A, ContainerAction.START, 0.0, pid=10),
+            sample(A, 1.0, 6379),
+            lifecycle(A, ContainerAction.KILL, 5.01, pid=10, signal=signal.SIGTERM, stop_signal=signal.SIGTERM),
+            kernel_signal(A, 5.0),
+            spanned(A, rt_sigreturn=(5.004, 5.004), epoll_wait=(4.9, 4.996)),
+        ],
+    )
+    assert changes(out)[-1] == (Phase.SHUTDOWN, "signal", 5.0)
+    assert phases_of(out) == {Phase.RUNNING: {"epoll_wait"}, Phase.SHUTDOWN: {"rt_sigreturn"}}
+
+
+def test_call_in_signal_tick_goes_to_both_phases():
+    # Kernel times have jiffy resolution: a call with the signal's own time may precede it.
+    tracker = machine()
+    out = run_timeline(
+        tracker,
+        [
+            lifecycle(A, ContainerAction.START, 0.0, pid=10),
+            sample(A, 1.0, 6379),
+            kernel_signal(A, 5.0),
+            spanned(A, sendmsg=(5.0, 5.0), wait4=(5.004, 5.004)),
+        ],
+    )
+    assert phases_of(out) == {Phase.RUNNING: {"sendmsg"}, Phase.SHUTDOWN: {"sendmsg", "wait4"}}
+
+
+def test_docker_stop_waits_for_kernel_record():
+    # Docker's kill event comes first. The calls just before it are held for
+    # lag, so the kernel's earlier time can still move them into shutdown.
+    tracker = machine(lag=1.0)
+    out = []
+    for event in [
+        lifecycle(A, ContainerAction.START, 0.0, pid=10),
+        sample(A, 1.0, 6379),
+        spanned(A, epoll_wait=(3.0, 3.1)),
+        lifecycle(A, ContainerAction.KILL, 5.01, pid=10, signal=signal.SIGTERM, stop_signal=signal.SIGTERM),
+        spanned(A, exit_group=(5.004, 5.004)),
+    ]:
+        out.extend(tracker.feed(event))
+        out.extend(tracker.advance(tracker.latest))
+    # Released: epoll_wait (older than lag); held: exit_group, before Docker's time.
+    assert phases_of(out) == {Phase.RUNNING: {"epoll_wait"}}
+    assert [change[0] for change in changes(out)] == [Phase.BOOTING, Phase.RUNNING]
+    out.extend(tracker.feed(kernel_signal(A, 5.0)))
+    out.extend(tracker.advance(tracker.latest))
+    assert phases_of(out) == {Phase.RUNNING: {"epoll_wait"}, Phase.SHUTDOWN: {"exit_group"}}
+    assert changes(out)[-1] == (Phase.SHUTDOWN, "signal", 5.0)
+
+
+def test_docker_stop_final_after_lag():
+    # Without a kernel record (no audit rule), Docker's time is the boundary once lag has passed.
+    tracker = machine(lag=1.0)
+    out = []
+    for event in [
+        lifecycle(A, ContainerAction.START, 0.0, pid=10),
+        sample(A, 1.0, 6379),
+        spanned(A, read=(4.9, 4.95), exit_group=(5.02, 5.02)),
+        lifecycle(A, ContainerAction.KILL, 5.01, pid=10, signal=signal.SIGTERM, stop_signal=signal.SIGTERM),
+    ]:
+        out.extend(tracker.feed(event))
+        out.extend(tracker.advance(tracker.latest))
+    assert [change[0] for change in changes(out)] == [Phase.BOOTING, Phase.RUNNING]
+    out.extend(tracker.advance(T0 + 6.02))
+    assert changes(out)[-1] == (Phase.SHUTDOWN, "kill", 5.01)
+    assert phases_of(out) == {Phase.RUNNING: {"read"}, Phase.SHUTDOWN: {"exit_group"}}
+
+
+def test_signals_that_do_not_stop_ignored():
+    tracker = machine()
+    out = run_timeline(
+        tracker,
+        [
+            lifecycle(A, ContainerAction.START, 0.0, pid=10, stop_signal=signal.SIGQUIT),
+            sample(A, 1.0, 6379),
+            kernel_signal(A, 2.0, signal.SIGTERM),  # not nginx's stop signal here
+            kernel_signal(A, 3.0, signal.SIGQUIT, from_container=True),  # from a process of the container
+            kernel_signal(A, 3.5, signal.SIGQUIT, pid=11),  # to a process other than init
+            spanned(A, read=(3.6, 3.7)),
+            kernel_signal(A, 4.0, signal.SIGQUIT),
+            spanned(A, exit_group=(4.1, 4.1)),
+        ],
+    )
+    assert changes(out)[-1] == (Phase.SHUTDOWN, "signal", 4.0)
+    assert phases_of(out) == {Phase.RUNNING: {"read"}, Phase.SHUTDOWN: {"exit_group"}}
+
+
+def test_kernel_record_after_announced_stop_keeps_boundary():
+    tracker = machine(lag=0.5)
+    out = []
+    for event in [
+        lifecycle(A, ContainerAction.START, 0.0, pid=10),
+        sample(A, 1.0, 6379),
+        lifecycle(A, ContainerAction.KILL, 5.01, pid=10, signal=signal.SIGTERM, stop_signal=signal.SIGTERM),
+        spanned(A, write=(5.005, 5.005)),
+    ]:
+        out.extend(tracker.feed(event))
+        out.extend(tracker.advance(tracker.latest))
+    out.extend(tracker.advance(T0 + 6.0))
+    out.extend(tracker.feed(kernel_signal(A, 5.0)))
+    out.extend(tracker.finish())
+    assert changes(out)[-1] == (Phase.SHUTDOWN, "kill", 5.01)
+    assert phases_of(out) == {Phase.RUNNING: {"write"}}

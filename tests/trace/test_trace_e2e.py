@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PYTHON, ROOT, require_system
+from tests.sources.conftest import auditd  # noqa: F401 - a fixture
 
 PIPELINE = ROOT / "pipelines" / "trace.toml"
 PGBENCH = "b=$(ls /usr/lib/postgresql/*/bin/pgbench); $b -h 127.0.0.1 -U postgres -i -q postgres && $b -h 127.0.0.1 -U postgres -T 3 postgres"
@@ -158,7 +159,7 @@ def test_trace_demo_image(server_name, demo_images, is_root, tmp_path, cleanup):
     require_system("the kernel audit netlink socket", Path("/proc/self/loginuid").exists(), "CONFIG_AUDIT is off")
     server = SERVERS[server_name]
     suffix = uuid.uuid4().hex[:8]
-    traced = f"spk-b-e2e-{server_name}-{suffix}"
+    traced = f"spk-g-e2e-{server_name}-{suffix}"
     cleanup.append(traced)
 
     result = run_trace(server, traced, tmp_path)
@@ -173,15 +174,18 @@ def test_trace_demo_image(server_name, demo_images, is_root, tmp_path, cleanup):
     assert lists["running"] < union
     assert "execve" in lists["booting"]
     assert profile["traces"][0]["complete"] is True, profile["traces"][0].get("problems")
+    # The shutdown starts at the kernel's record of runc's kill(2), not at Docker's later event.
+    stops = [transition for transition in profile["traces"][0]["transitions"] if transition["phase"] == "shutdown"]
+    assert [transition["detector"] for transition in stops] == ["signal"]
 
     # The booting profile boots the image up to the readiness its trace detected.
-    booted = f"spk-b-e2e-boot-{server_name}-{suffix}"
+    booted = f"spk-g-e2e-boot-{server_name}-{suffix}"
     cleanup.append(booted)
     start_under(directory / "docker-booting.json", server, booted, stay=False)
     subprocess.run(["docker", "rm", "-f", booted], capture_output=True)
 
     # The union profile carries it through requests and a graceful stop.
-    whole = f"spk-b-e2e-union-{server_name}-{suffix}"
+    whole = f"spk-g-e2e-union-{server_name}-{suffix}"
     cleanup.append(whole)
     pid = start_under(directory / "docker-union.json", server, whole, stay=True)
     check = [argument.replace("{pid}", str(pid)) for argument in server.check]
@@ -217,7 +221,7 @@ def _log_events(result: subprocess.CompletedProcess[str], event: str) -> list[di
 
 @pytest.mark.system
 def test_failing_workload_still_stops(demo_images, is_root, tmp_path, cleanup):
-    name = f"spk-b-e2e-fail-{uuid.uuid4().hex[:8]}"
+    name = f"spk-g-e2e-fail-{uuid.uuid4().hex[:8]}"
     cleanup.append(name)
     result = _trace(tmp_path, name, """stages.workload.command=["sh", "-c", "echo no such server >&2; exit 3"]""")
     assert result.returncode == 3, result.stderr[-3000:]
@@ -225,15 +229,41 @@ def test_failing_workload_still_stops(demo_images, is_root, tmp_path, cleanup):
     assert failure["error"] == "sh exited with code 3"
     assert failure["stderr_tail"] == ["no such server"]
     assert "the workload failed (sh exited with code 3; last stderr lines: no such server)" in result.stderr
-    # The container was still stopped with Docker's stop.
+    # The container was still stopped with Docker's stop, and the audit rule
+    # saw runc's kill(2) with the stop signal, which starts the shutdown.
     changes = [(event["phase"], event["detector"]) for event in _log_events(result, "phase_change")]
-    assert changes == [("booting", "start"), ("running", "listen"), ("shutdown", "kill")]
+    assert changes == [("booting", "start"), ("running", "listen"), ("shutdown", "signal")]
     assert [event["exit_code"] for event in _log_events(result, "container_event") if event["action"] == "die"] == [0]
+
+
+def test_audit_log_source_validates():
+    result = subprocess.run(
+        [PYTHON, "-m", "speaker", "validate", str(PIPELINE), "--set", "sources.audit.type=audit_log"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.system
+def test_trace_with_audit_log_source(demo_images, is_root, auditd, tmp_path, cleanup):  # noqa: F811
+    # auditd's log names the record types (SYSCALL, OBJ_PID) that the audit
+    # multicast socket numbers, and the stop signal is found in both.
+    name = f"spk-g-e2e-log-{uuid.uuid4().hex[:8]}"
+    cleanup.append(name)
+    result = _trace(tmp_path, name, "sources.audit.type=audit_log", f"sources.audit.path={auditd.log}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    directory = tmp_path / "profiles" / name
+    for phase in ("booting", "running", "shutdown"):
+        assert (directory / phase).read_text().split(), f"the {phase} list is empty"
+    changes = [(event["phase"], event["detector"]) for event in _log_events(result, "phase_change")]
+    assert changes == [("booting", "start"), ("running", "listen"), ("shutdown", "signal")]
 
 
 @pytest.mark.system
 def test_detector_timeout_stops_container(demo_images, is_root, tmp_path, cleanup):
-    name = f"spk-b-e2e-timeout-{uuid.uuid4().hex[:8]}"
+    name = f"spk-g-e2e-timeout-{uuid.uuid4().hex[:8]}"
     cleanup.append(name)
     result = _trace(tmp_path, name, 'stages.phases.detector={type="listen", port=1}', "stages.phases.ready_timeout=3s")
     assert result.returncode == 3, result.stderr[-3000:]
@@ -252,7 +282,7 @@ def test_detector_timeout_stops_container(demo_images, is_root, tmp_path, cleanu
 def test_lost_records_mark_incomplete(demo_images, is_root, tmp_path, cleanup):
     # A 4 KiB socket buffer overflows under redis-benchmark, so the kernel
     # drops records for this reader and reports ENOBUFS.
-    name = f"spk-b-e2e-loss-{uuid.uuid4().hex[:8]}"
+    name = f"spk-g-e2e-loss-{uuid.uuid4().hex[:8]}"
     cleanup.append(name)
     result = _trace(tmp_path, name, "sources.audit.receive_buffer=4096", "sources.audit.max_pending=4096", allow_loss=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -266,7 +296,7 @@ def test_lost_records_mark_incomplete(demo_images, is_root, tmp_path, cleanup):
 @pytest.mark.system
 def test_watch_mode_traces_two_containers(demo_images, is_root, tmp_path, cleanup):
     watch = ROOT / "pipelines" / "trace-watch.toml"
-    label = f"spk-b-watch-{uuid.uuid4().hex[:8]}"
+    label = f"spk-g-watch-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "speaker.log"
     arguments = [
         PYTHON, "-m", "speaker", "--log-format", "json", "run", str(watch),
