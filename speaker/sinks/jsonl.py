@@ -43,6 +43,9 @@ class Jsonl(Sink):
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ComponentError(f"cannot create the directory of {path}: {exc.strerror}") from exc
+        if path.exists() and not path.is_file():
+            # Opening a FIFO would block in a worker thread that no signal can cancel.
+            raise ComponentError(f"{path} is not a regular file; set path to a file name, or \"-\" for standard output")
         if path.exists() and not os.access(path, os.W_OK):
             raise ComponentError(f"cannot write {path}: permission denied")
 

@@ -39,6 +39,12 @@ class ProfileFilesOptions:
         help="Directory that receives one subdirectory per traced container, named after the container "
         "(or its short id when it has no name). Created if missing; files of the same name are replaced.",
     )
+    subdirectory: str = option(
+        "{name}",
+        help="Name of each container's profile directory: {name} is the container name, {image} the last "
+        "part of its image name without the tag, {id} the short container id. A name already used by "
+        "another container of the same run gets the short id appended.",
+    )
     default_action: Literal["kill-process", "errno", "log"] = option(
         "kill-process", help="Action of the Docker seccomp profiles for syscalls a phase does not list."
     )
@@ -90,6 +96,13 @@ class ProfileFiles(Sink):
             parse_errno(options.errno)
         except ValueError as exc:
             raise OptionError(str(exc), "errno") from None
+        try:
+            options.subdirectory.format(name="n", image="i", id="0")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise OptionError(
+                f"invalid template {options.subdirectory!r} ({exc}): use only {{name}}, {{image}} and {{id}}",
+                "subdirectory",
+            ) from None
         for index, name in enumerate(options.invariants):
             if name not in INVARIANTS:
                 raise OptionError(
@@ -124,8 +137,7 @@ class ProfileFiles(Sink):
             await self._write_changed()
 
     async def flush(self) -> None:
-        # TODO: the engine does not tell sinks why the pipeline stopped, so the
-        # profile of a failed trace names the phases it missed, not the failure.
+        self._failed_components = self.context.failed_components
         await self._write_changed(final=True)
 
     async def _write_changed(self, final: bool = False) -> None:
@@ -138,6 +150,11 @@ class ProfileFiles(Sink):
         entry = self._builder.containers[container_id]
         entry.dirty = False
         profile = self._builder.profile(container_id)
+        failed = getattr(self, "_failed_components", [])
+        if final and failed:
+            profile.traces[0].mark_incomplete(
+                f"the pipeline stopped because {', '.join(failed)} failed, so every phase may miss syscalls"
+            )
         directory = self._directory_for(container_id, entry)
         try:
             write = functools.partial(write_profile_dir, listener_path=self.options.listener_path)
@@ -169,7 +186,11 @@ class ProfileFiles(Sink):
         directory = self._directories.get(container_id)
         if directory is not None:
             return directory
-        base = _UNSAFE_NAME.sub("_", entry.trace.container_name).strip("._") or container_id[:12]
+        image = entry.trace.image.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
+        name = self.options.subdirectory.format(
+            name=entry.trace.container_name or container_id[:12], image=image or container_id[:12], id=container_id[:12]
+        )
+        base = _UNSAFE_NAME.sub("_", name).strip("._") or container_id[:12]
         used = set(self._directories.values())
         directory = self.options.directory / base
         if directory in used:

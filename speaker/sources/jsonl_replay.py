@@ -30,6 +30,12 @@ class JsonlReplay(Source):
     Options = JsonlReplayOptions
     emits = (Event,)
 
+    async def setup(self) -> None:
+        path = self.options.path
+        if path.exists() and not path.is_file():
+            # Opening a FIFO would block in a worker thread that no signal can cancel.
+            raise ComponentError(f"{path} is not a regular file; set path to a file written by the jsonl sink")
+
     async def run(self, output: Output) -> None:
         path = self.options.path
         try:

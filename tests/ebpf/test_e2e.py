@@ -119,6 +119,7 @@ def run_audit_trace(directory: Path, server: Server, name: str, label: str) -> s
         "stages.phases.detector": f'{{type="listen", port={server.port}}}',
         "stages.workload.command": toml_list(server.workload),
         "sinks.profiles.directory": str(directory / "profiles"),
+        "sinks.profiles.subdirectory": "{name}",
         "sinks.trace.path": str(directory / "trace.jsonl"),
     }
     arguments = [PYTHON, "-m", "speaker", "--log-format", "json", "run", str(TRACE)]

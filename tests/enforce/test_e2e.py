@@ -130,6 +130,7 @@ def trace(out: Path, image: str, detector: str, command: list[str]) -> Path:
         # same state in the trace and in the enforced run.
         "--set", 'stages.workload.duration="1s"',
         "--set", f"sinks.profiles.directory={out / 'profiles'}",
+        "--set", "sinks.profiles.subdirectory={name}",
         "--set", f"sinks.trace.path={out / 'trace.jsonl'}",
     )  # fmt: skip
     profile = out / "profiles" / name

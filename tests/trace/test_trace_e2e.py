@@ -83,6 +83,7 @@ def run_trace(server: Server, name: str, out: Path) -> subprocess.CompletedProce
         "stages.phases.detector": server.detector,
         "stages.workload.command": _toml_list(server.workload),
         "sinks.profiles.directory": str(out / "profiles"),
+        "sinks.profiles.subdirectory": "{name}",
         "sinks.trace.path": str(out / "trace.jsonl"),
     }
     arguments = [PYTHON, "-m", "speaker", "--log-format", "json", "run", str(PIPELINE)]
@@ -204,6 +205,7 @@ def _trace(tmp_path: Path, name: str, *overrides: str, allow_loss: bool = False)
     for override in (
         f"sources.docker.launch.name={name}",
         f"sinks.profiles.directory={tmp_path / 'profiles'}",
+        "sinks.profiles.subdirectory={name}",
         f"sinks.trace.path={tmp_path / 'trace.jsonl'}",
         *overrides,
     ):
@@ -303,6 +305,7 @@ def test_watch_mode_traces_two_containers(demo_images, is_root, tmp_path, cleanu
         "--set", f"sources.docker.watch_label={label}",
         "--set", 'stages.phases.detector={type="listen", port=6379}',
         "--set", f"sinks.profiles.directory={tmp_path / 'profiles'}",
+        "--set", "sinks.profiles.subdirectory={name}",
         "--set", f"sinks.trace.path={tmp_path / 'trace.jsonl'}",
     ]  # fmt: skip
     with log.open("w") as stderr:
