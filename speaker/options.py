@@ -166,7 +166,7 @@ def build_options(options_class: type, raw: Mapping[str, Any]) -> Any:
     for name, spec in specs.items():
         if name not in raw:
             if spec.required:
-                raise OptionError("missing required option: " + spec.help, name)
+                raise OptionError(f"missing required option {name!r}: {spec.help}", name)
             continue
         try:
             value = convert_value(spec.annotation, raw[name])

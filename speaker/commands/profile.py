@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from speaker.events import Phase
 from speaker.profiles import ProfileError, diff_profiles, load_profile, merge_profiles, write_profile_dir
 from speaker.profiles.baseline import BaselineError, baseline_json, docker_default_baseline
 from speaker.profiles.docker_json import plan_to_json
+from speaker.profiles.files import os_reason
 from speaker.profiles.model import Profile
 from speaker.profiles.show import render_show, show_data
 from speaker.profiles.spo import dump_yaml, object_name, plan_to_spo
@@ -152,6 +154,22 @@ def _load(path: str, *, strict: bool = True) -> Profile:
     return load_profile(Path(path), strict=strict)
 
 
+def _check_file_output(output: str, hint: str = "") -> None:
+    """Raise ValueError when ``-o`` names a directory, before anything is computed or written."""
+    if os.path.isdir(output):
+        raise ValueError(f"{output}: is a directory; pass a file name to -o{hint}")
+
+
+def _check_directory_output(output: str) -> None:
+    """Raise ValueError when ``-o`` names something other than a directory that already exists."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ValueError(f"{output}: is a file, not a directory; pass a new or existing directory to -o")
+
+
+def _write_failed(output: str, exc: OSError) -> int:
+    return _fail(f"{output}: cannot write: {os_reason(exc)}")
+
+
 # --- show --------------------------------------------------------------------
 
 
@@ -192,19 +210,41 @@ def _baseline(args: argparse.Namespace, profile: Profile) -> tuple[frozenset[str
 def handle_merge(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
+        _check_directory_output(args.output)
+        _check_different_paths(args.profiles)
         profiles = [_load(path) for path in args.profiles]
+        merged = merge_profiles(profiles, args.profiles)
     except (ProfileError, ValueError) as exc:
         return _fail(str(exc))
     images = {image for profile in profiles for image in profile.images}
     if len(images) > 1:
         print(f"warning: merging profiles of different images: {', '.join(sorted(images))}", file=sys.stderr)
-    merged = merge_profiles(profiles, args.profiles)
-    written = write_profile_dir(merged, Path(args.output), settings)
+    try:
+        written = write_profile_dir(merged, Path(args.output), settings)
+    except OSError as exc:
+        return _write_failed(args.output, exc)
     for warning in written.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     counts = ", ".join(f"{phase} {len(merged.phase(phase))}" for phase in Phase)
-    print(f"wrote {args.output}: {counts} syscalls, {len(merged.traces)} traces, complete: {'yes' if merged.complete else 'no'}")
+    complete = "yes" if merged.complete else "no"
+    if not merged.traces:
+        # A merge of list directories and seccomp JSON records no trace to judge by.
+        complete = "unknown"
+    print(f"wrote {args.output}: {counts} syscalls, {len(merged.traces)} traces, complete: {complete}")
     return ExitCode.OK
+
+
+def _check_different_paths(paths: list[str]) -> None:
+    """Raise ValueError when two arguments name the same file or directory, whose counts a merge would double."""
+    seen: dict[tuple[int, int], int] = {}
+    for index, path in enumerate(paths):
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue  # load_profile reports it with a better message.
+        first = seen.setdefault((info.st_dev, info.st_ino), index)
+        if first != index:
+            raise ValueError(f"{paths[first]} and {path} are the same profile: merging it twice would double its counts")
 
 
 # --- diff --------------------------------------------------------------------
@@ -251,6 +291,12 @@ def handle_diff(args: argparse.Namespace) -> int:
 def handle_export(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
+        if args.output and args.format != "speaker":
+            _check_file_output(args.output, ", or use --format speaker to write a directory")
+        if args.phase in ("notify", "notify-exact") and args.format in ("docker", "oci") and not args.listener_path:
+            raise ValueError(
+                f"--phase {args.phase} needs --listener-path, the supervisor's socket, which the profile names as listenerPath"
+            )
         profile = _load(args.profile)
         if args.format == "speaker":
             return _export_speaker(args, profile, settings)
@@ -274,7 +320,10 @@ def handle_export(args: argparse.Namespace) -> int:
     if not profile.complete:
         print(f"warning: the profile is incomplete: {'; '.join(profile.problems)}", file=sys.stderr)
     if args.output:
-        write_atomic(Path(args.output), text)
+        try:
+            write_atomic(Path(args.output), text)
+        except OSError as exc:
+            return _write_failed(args.output, exc)
     else:
         sys.stdout.write(text)
     return ExitCode.OK
@@ -290,7 +339,13 @@ def _export_plan(profile: Profile, target: str, settings: CompileSettings) -> Fi
 def _export_speaker(args: argparse.Namespace, profile: Profile, settings: CompileSettings) -> int:
     if not args.output:
         return _fail("--format speaker writes a directory: pass -o DIR")
-    written = write_profile_dir(profile, Path(args.output), settings, listener_path=args.listener_path)
+    try:
+        _check_directory_output(args.output)
+        written = write_profile_dir(profile, Path(args.output), settings, listener_path=args.listener_path)
+    except ValueError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _write_failed(args.output, exc)
     for warning in written.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {len(written.files)} files to {args.output}")
@@ -302,11 +357,18 @@ def _export_speaker(args: argparse.Namespace, profile: Profile, settings: Compil
 
 def handle_baseline(args: argparse.Namespace) -> int:
     try:
+        _check_file_output(args.output)
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
         profile = docker_default_baseline(args.image, container_name=args.container_name)
     except (BaselineError, OSError) as exc:
         return _fail(str(exc), ExitCode.FAILED)
     document = baseline_json(profile)
-    write_atomic(Path(args.output), document.text())
+    try:
+        write_atomic(Path(args.output), document.text())
+    except OSError as exc:
+        return _write_failed(args.output, exc)
     counts = ", ".join(f"{arch} {len(profile.union(arch))}" for arch in profile.arches)
     print(f"wrote {args.output}: Docker's default profile allows {counts} syscalls")
     for note in profile.notes:

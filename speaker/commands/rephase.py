@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tomllib
@@ -83,6 +84,9 @@ def handle(args: argparse.Namespace) -> int:
     except TraceFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    if os.path.lexists(args.output) and not os.path.isdir(args.output):
+        print(f"error: {args.output}: is a file, not a directory; pass a new or existing directory to -o", file=sys.stderr)
+        return ExitCode.USAGE
     log = structlog.get_logger("speaker").bind(command="rephase")
     builder = rephase(events, detector, float(timeout), log, source=f"rephase {args.trace}")
     if not builder.containers:
@@ -129,8 +133,8 @@ def write_profiles(builder: ProfileBuilder, output: Path, allow_loss: bool) -> i
         try:
             written = write_profile_dir(profile, output / name)
         except OSError as exc:
-            print(f"error: cannot write {output / name}: {exc}", file=sys.stderr)
-            return ExitCode.FAILED
+            print(f"error: {output / name}: cannot write the profile: {exc.strerror or exc}", file=sys.stderr)
+            return ExitCode.USAGE
         sizes = ", ".join(f"{phase.value} {len(profile.phase(phase))}" for phase in PHASES)
         print(f"{written.directory}: {sizes} syscalls; detector {trace.detector or 'none'}")
         for warning in written.warnings:

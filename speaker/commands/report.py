@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -51,15 +52,29 @@ def handle(args: argparse.Namespace) -> int:
     if not selected:
         print(f"error: {path} has no syscalls or phases of {'the given containers' if args.container else 'any container'}", file=sys.stderr)
         return ExitCode.USAGE
+    for timeline in selected:
+        try:
+            timeline.check_span()
+        except ReportInputError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
     plot = not args.no_plot
     if plot and not matplotlib_available():
         print("note: matplotlib is not installed, so no plots are drawn; install it with pip install 'speaker[plot]'", file=sys.stderr)
         plot = False
     output = Path(args.output) if args.output else path.with_name(path.stem + "-report")
+    if plot and os.path.lexists(output) and not os.path.isdir(output):
+        print(f"error: {output}: is a file, not a directory; pass a new or existing directory to -o", file=sys.stderr)
+        return ExitCode.USAGE
     for timeline in selected:
         sys.stdout.write(render_summary(timeline))
         if plot:
             name = _UNSAFE_NAME.sub("_", timeline.label).strip("._") or timeline.container_id[:12]
-            for written in plot_timeline(timeline, output / name):
+            try:
+                written_paths = plot_timeline(timeline, output / name)
+            except OSError as exc:
+                print(f"error: {output / name}: cannot write the plot: {exc.strerror or exc}", file=sys.stderr)
+                return ExitCode.USAGE
+            for written in written_paths:
                 print(f"  wrote {written}")
     return ExitCode.OK

@@ -221,6 +221,13 @@ class ProfileBuilder:
             problems.append("the trace ended before the container was asked to stop, so the shutdown list is empty")
         elif not entry.exited:
             problems.append("the trace ended before the container exited, so the shutdown list may be short")
+        # A phase that began always makes syscalls, so an empty list means
+        # they were missed. The checks above already explain an empty
+        # running or shutdown list of a phase that never began.
+        explained = {phase for phase in (Phase.RUNNING, Phase.SHUTDOWN) if phase not in phases}
+        for phase in entry.profile.empty_phases():
+            if phase not in explained:
+                problems.append(f"the {phase} list is empty although the phase began, so its syscalls were missed")
         return problems
 
     def container_ids(self) -> list[str]:

@@ -25,6 +25,7 @@ from speaker.compile.plan import CompileSettings, EmptyPhase, Layout, plan_layou
 from speaker.events import PHASES, Phase
 from speaker.profiles.docker_json import plan_to_json, write_json
 from speaker.profiles.errors import ProfileError
+from speaker.profiles.files import exists
 from speaker.profiles.model import Profile
 from speaker.profiles.profile_json import FILE_NAME, FilterRecord, read_profile_json, write_profile_json
 from speaker.profiles.speaker_lists import list_file, read_list_file, read_lists_dir, write_lists_dir
@@ -102,7 +103,7 @@ def _remove_stale(path: Path) -> None:
 
 
 def is_profile_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / FILE_NAME).is_file() or any(list_file(path, phase).is_file() for phase in PHASES))
+    return path.is_dir() and (exists(path / FILE_NAME) or any(exists(list_file(path, phase)) for phase in PHASES))
 
 
 def read_profile_dir(directory: Path) -> tuple[Profile, FilterRecord | None]:
@@ -111,8 +112,8 @@ def read_profile_dir(directory: Path) -> tuple[Profile, FilterRecord | None]:
     Raises ProfileError naming the file and line of the first problem.
     """
     json_path = directory / FILE_NAME
-    if not json_path.is_file():
-        if not any(list_file(directory, phase).is_file() for phase in PHASES):
+    if not exists(json_path):
+        if not any(exists(list_file(directory, phase)) for phase in PHASES):
             raise ProfileError(
                 "not a profile directory: it has neither profile.json nor the booting, running and shutdown files",
                 path=directory,
@@ -122,7 +123,7 @@ def read_profile_dir(directory: Path) -> tuple[Profile, FilterRecord | None]:
     unobserved = frozenset(phase for phase in PHASES if not profile.phase(phase)) if not profile.complete else frozenset()
     for phase in PHASES:
         path = list_file(directory, phase)
-        if not path.is_file():
+        if not exists(path):
             continue
         listed = set(read_list_file(path, allow_empty=phase in unobserved or not profile.phase(phase)))
         current = set(profile.phase(phase))

@@ -29,14 +29,13 @@ from speaker.compile.arches import (
     KNOWN_ARCHES,
     SCMP_ARCH_CONSTANTS,
     SCMP_ARCH_NAMES,
-    UnknownSyscall,
-    check_syscall,
     host_arches,
     syscall_table,
 )
 from speaker.compile.plan import INVARIANTS, FilterPlan, Layout
 from speaker.events import PHASES
-from speaker.profiles.errors import ProfileError, line_of
+from speaker.profiles.errors import NESTED_TOO_DEEPLY, ProfileError, line_of, shorten_name, unknown_name_message
+from speaker.profiles.files import read_text
 from speaker.profiles.model import Profile
 
 Flavor = Literal["docker", "oci"]
@@ -156,16 +155,13 @@ def read_seccomp_json(path: Path, *, strict: bool = True) -> Profile:
     skipped or relaxed and the profile's notes record it, which suits reading
     a baseline written for a newer libseccomp.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError("file not found", path=path) from None
-    except UnicodeDecodeError:
-        raise ProfileError("not a seccomp profile: the file is not UTF-8 text", path=path) from None
+    text = read_text(path, "a seccomp profile")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProfileError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
+    except RecursionError:
+        raise ProfileError(NESTED_TOO_DEEPLY, path=path) from None
     if isinstance(data, dict) and isinstance(data.get("linux"), dict) and "seccomp" in data["linux"]:
         data = data["linux"]["seccomp"]
     if not is_seccomp_json(data):
@@ -186,7 +182,11 @@ class _Reader:
 
     def profile(self, data: dict[str, Any]) -> Profile:
         try:
-            default = Action.from_scmp(str(data["defaultAction"]), data.get("defaultErrnoRet"))
+            default_errno = _errno_value(data, "defaultErrnoRet")
+        except ValueError as exc:
+            raise self.error(str(exc), '"defaultErrnoRet"') from None
+        try:
+            default = Action.from_scmp(str(data["defaultAction"]), default_errno)
         except ValueError as exc:
             raise self.error(str(exc), '"defaultAction"') from None
         if default.kind in (ActionKind.ALLOW, ActionKind.LOG):
@@ -199,7 +199,7 @@ class _Reader:
         profile = Profile()
         notes = [f"read from the seccomp profile {self.path}; one list applies to all three phases"]
         allowed: dict[str, int] = {}
-        for index, rule in enumerate(data.get("syscalls") or []):
+        for index, rule in enumerate(self.list_of(data, "syscalls")):
             self.rule(rule, index, allowed, notes)
         if not allowed:
             raise self.error("the profile allows no syscalls, so every phase would be empty", '"syscalls"')
@@ -215,18 +215,21 @@ class _Reader:
         return profile
 
     def arches(self, data: dict[str, Any]) -> list[str]:
-        constants = list(data.get("architectures") or [])
-        for entry in data.get("archMap") or []:
+        constants = list(self.list_of(data, "architectures"))
+        for entry in self.list_of(data, "archMap"):
             if isinstance(entry, dict):
                 constants.append(entry.get("architecture"))
-                constants.extend(entry.get("subArchitectures") or [])
+                constants.extend(self.list_of(entry, "subArchitectures"))
         if not constants:
             return [host_arches()[0]]
         names = []
         for constant in constants:
             name = SCMP_ARCH_NAMES.get(str(constant))
             if name is None and constant != "SCMP_ARCH_NATIVE":
-                raise self.error(f"unknown architecture {constant!r}: expected an SCMP_ARCH_* constant such as SCMP_ARCH_X86_64", f'"{constant}"')
+                raise self.error(
+                    f"unknown architecture {_shorten(constant)}: expected an SCMP_ARCH_* constant such as SCMP_ARCH_X86_64",
+                    f'"{constant}"',
+                )
             names.append(host_arches()[0] if constant == "SCMP_ARCH_NATIVE" else name)
         host = [arch for arch in host_arches() if arch in names]
         if not host:
@@ -237,6 +240,15 @@ class _Reader:
             )
         return host
 
+    def list_of(self, data: dict[str, Any], key: str) -> list[Any]:
+        """Return the list under ``key``, an empty list when it is absent or null, or raise ProfileError."""
+        value = data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(f"{key!r} must be a list, got {_shorten(value)}", f'"{key}"')
+        return value
+
     def rule(self, rule: Any, index: int, allowed: dict[str, int], notes: list[str]) -> None:
         if not isinstance(rule, dict):
             raise self.error(f"syscalls[{index}] must be an object with names and action", '"syscalls"')
@@ -246,7 +258,7 @@ class _Reader:
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise self.error(f"syscalls[{index}].names must be a list of syscall names", '"syscalls"')
         try:
-            action = Action.from_scmp(str(rule.get("action")), rule.get("errnoRet"))
+            action = Action.from_scmp(str(rule.get("action")), _errno_value(rule, "errnoRet"))
         except ValueError as exc:
             raise self.error(f"syscalls[{index}]: {exc}", f'"{rule.get("action")}"') from None
         if action.kind is ActionKind.NOTIFY:
@@ -271,22 +283,32 @@ class _Reader:
             if name in allowed:
                 if self.strict:
                     raise self.error(
-                        f"duplicate syscall {name!r}: it is allowed by syscalls[{allowed[name]}] and syscalls[{index}]",
+                        f"duplicate syscall {shorten_name(name)}: it is allowed by syscalls[{allowed[name]}] and syscalls[{index}]",
                         f'"{name}"',
                     )
                 continue
             allowed[name] = index
 
     def unknown(self, name: str, arches: list[str], notes: list[str]) -> None:
-        try:
-            check_syscall(arches[0], name)
-        except UnknownSyscall as exc:
-            message = str(exc)
-        else:  # pragma: no cover - homes was empty, so check_syscall raised
-            message = f"{name!r} is not on {', '.join(arches)}"
+        message = unknown_name_message(name, arches[0])
         if self.strict:
             raise self.error(message, f'"{name}"')
         notes.append(f"skipped {name}: {message}")
+
+
+def _errno_value(data: dict[str, Any], key: str) -> int | None:
+    """Return the errno number under ``key``, or None when absent. Raises ValueError for another type."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be an errno number such as 1 (EPERM), got {_shorten(value)}")
+    return value
+
+
+def _shorten(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} characters)"
 
 
 __all__ = ["Flavor", "Layout", "SeccompJson", "plan_to_json", "read_seccomp_json", "write_json"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from speaker.compile.arches import UnknownSyscall, check_syscall, syscall_table
+
 
 class ProfileError(ValueError):
     """Invalid profile input. ``str()`` gives ``FILE[:LINE]: message``."""
@@ -31,3 +33,31 @@ def line_of(text: str, needle: str, start: int = 0) -> int | None:
     if position < 0:
         return None
     return text.count("\n", 0, position) + 1
+
+
+#: Longer than any syscall name in libseccomp's tables, so messages cut a longer name.
+MAX_NAME_LENGTH = 64
+
+
+def shorten_name(name: str) -> str:
+    """Return ``repr(name)``, cut after ``MAX_NAME_LENGTH`` characters so that an error never echoes a huge value."""
+    if len(name) <= MAX_NAME_LENGTH:
+        return repr(name)
+    return f"{name[:MAX_NAME_LENGTH]!r}... ({len(name)} characters)"
+
+
+def unknown_name_message(name: str, arch: str) -> str:
+    """Explain why ``name`` is not a syscall of ``arch``, with the closest known name where there is one."""
+    if len(name) > MAX_NAME_LENGTH:
+        return f"{shorten_name(name)} is not a syscall name: it is longer than any syscall name"
+    lower = name.lower()
+    if lower != name and syscall_table(arch).number(lower) is not None:
+        return f"unknown syscall name {name!r}: syscall names are lower case; did you mean {lower!r}?"
+    try:
+        check_syscall(arch, name)
+    except UnknownSyscall as exc:
+        return str(exc)
+    return f"unknown syscall name {name!r}"
+
+
+NESTED_TOO_DEEPLY = "invalid JSON: arrays or objects are nested too deeply"

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from speaker.events import PHASES, Phase
-from speaker.profiles.model import Profile
+from speaker.profiles.model import Profile, TraceInfo
 
 
 def merge_profiles(profiles: Sequence[Profile], labels: Sequence[str]) -> Profile:
@@ -17,8 +17,10 @@ def merge_profiles(profiles: Sequence[Profile], labels: Sequence[str]) -> Profil
     """
     if not profiles:
         raise ValueError("merging needs at least one profile")
+    check_distinct(profiles, labels)
+    traced = any(profile.traces for profile in profiles)
     merged = Profile()
-    for profile in profiles:
+    for label, profile in zip(labels, profiles):
         for arch, phases in profile.syscalls.items():
             for phase, names in phases.items():
                 merged.add_names(arch, phase, names)
@@ -28,10 +30,35 @@ def merge_profiles(profiles: Sequence[Profile], labels: Sequence[str]) -> Profil
                 for name, calls in by_name.items():
                     target[name] = target.get(name, 0) + calls
         merged.traces.extend(copy.deepcopy(profile.traces))
+        if traced and not profile.traces:
+            # Without this entry the merged profile would count as complete
+            # because of the other inputs' traces alone.
+            unknown = TraceInfo(source=f"profile merge input {label}")
+            unknown.mark_incomplete(
+                f"{label} records no trace (it is a list directory or a seccomp JSON), "
+                "so nothing shows that its lists are complete"
+            )
+            merged.traces.append(unknown)
     merged.notes.append(f"merged from {', '.join(labels)}: each phase is the union of theirs")
     for label, profile in zip(labels, profiles):
         merged.notes.extend(f"{label}: {note}" for note in profile.notes)
     return merged
+
+
+def check_distinct(profiles: Sequence[Profile], labels: Sequence[str]) -> None:
+    """Raise ValueError when two inputs contain the same trace, which a merge would count twice."""
+    seen: dict[tuple[str, float | None], int] = {}
+    for index, (label, profile) in enumerate(zip(labels, profiles)):
+        for trace in profile.traces:
+            if not trace.container_id:
+                continue
+            key = (trace.container_id, trace.started)
+            first = seen.setdefault(key, index)
+            if first != index:
+                raise ValueError(
+                    f"{labels[first]} and {label} both contain the trace of container {trace.container_id[:12]}: "
+                    "merging the same trace twice would double its counts. Pass each trace once"
+                )
 
 
 @dataclasses.dataclass(frozen=True)

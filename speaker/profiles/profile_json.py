@@ -11,18 +11,39 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from speaker.compile.arches import KNOWN_ARCHES, UnknownSyscall, check_syscall, host_arches, syscall_table
+from speaker.compile.arches import KNOWN_ARCHES, host_arches, syscall_table
 from speaker.events import PHASES, Phase
-from speaker.profiles.errors import ProfileError, line_of
+from speaker.profiles.errors import NESTED_TOO_DEEPLY, ProfileError, line_of, shorten_name, unknown_name_message
+from speaker.profiles.files import read_text
 from speaker.profiles.model import Profile, TraceInfo, Transition
 
 FORMAT = "speaker-profile"
 VERSION = 1
 FILE_NAME = "profile.json"
+
+# The JSON types each scalar TraceInfo field accepts; an int is a valid float in JSON.
+_TRACE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "container_id": (str,),
+    "container_name": (str,),
+    "image": (str,),
+    "source": (str,),
+    "started": (int, float),
+    "ended": (int, float),
+    "kernel": (str,),
+    "docker_version": (str,),
+    "speaker_version": (str,),
+    "libseccomp_version": (str,),
+    "detector": (str,),
+    "exit_code": (int,),
+    "complete": (bool,),
+}
+_OPTIONAL_TRACE_FIELDS = frozenset({"started", "ended", "exit_code"})
+_TYPE_NAMES = {str: "a string", int: "a number", float: "a number", bool: "true or false"}
 
 
 @dataclasses.dataclass
@@ -62,13 +83,7 @@ def write_profile_json(profile: Profile, path: Path, filters: FilterRecord | Non
 
 def read_profile_json(path: Path) -> tuple[Profile, FilterRecord | None]:
     """Read a profile.json. Raises ProfileError naming the file and, where it can, the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError("file not found", path=path) from None
-    except UnicodeDecodeError:
-        raise ProfileError("not a SPEAKER profile: the file is not UTF-8 text", path=path) from None
-    return parse_profile_json(text, path)
+    return parse_profile_json(read_text(path, "a SPEAKER profile"), path)
 
 
 def parse_profile_json(text: str, path: Path | str) -> tuple[Profile, FilterRecord | None]:
@@ -77,6 +92,8 @@ def parse_profile_json(text: str, path: Path | str) -> tuple[Profile, FilterReco
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProfileError(f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
+    except RecursionError:
+        raise ProfileError(NESTED_TOO_DEEPLY, path=path) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ProfileError(
             f'not a SPEAKER profile: profile.json starts with "format": "{FORMAT}". '
@@ -90,6 +107,8 @@ def parse_profile_json(text: str, path: Path | str) -> tuple[Profile, FilterReco
             line=line_of(text, '"version"'),
         )
     reader = _Reader(text, path)
+    if not isinstance(data.get("complete", False), bool):
+        raise reader.error(f'"complete" must be true or false, got {_shorten(data["complete"])}', '"complete"')
     profile = Profile(created=str(data.get("created", "")))
     arches = reader.mapping(data.get("arches"), "arches")
     for arch, phases in arches.items():
@@ -104,12 +123,19 @@ def parse_profile_json(text: str, path: Path | str) -> tuple[Profile, FilterReco
 def _filter_record(raw: Any) -> FilterRecord | None:
     if not isinstance(raw, dict):
         return None
+    invariants, files = raw.get("invariants", {}), raw.get("files", {})
     return FilterRecord(
         default_action=str(raw.get("default_action", "")),
         arch_lists=str(raw.get("arch_lists", "")),
-        invariants={str(key): str(value) for key, value in dict(raw.get("invariants", {})).items()},
-        files={str(key): str(value) for key, value in dict(raw.get("files", {})).items()},
+        invariants={str(key): str(value) for key, value in invariants.items()} if isinstance(invariants, dict) else {},
+        files={str(key): str(value) for key, value in files.items()} if isinstance(files, dict) else {},
     )
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a count must be a whole number of 0 or more, got {_shorten(value)}")
+    return value
 
 
 class _Reader:
@@ -154,11 +180,10 @@ class _Reader:
             for entry in self.sequence(phases.get(phase.value, []), f"arches.{arch}.{phase.value}"):
                 name, nr, calls = self._entry(entry, arch, phase, phase_start)
                 if name in profile.syscalls[arch][phase]:
-                    raise self.error(f"duplicate syscall {name!r} in {arch} {phase}", f'"{name}"', phase_start)
-                try:
-                    known_nr = check_syscall(arch, name)
-                except UnknownSyscall as exc:
-                    raise self.error(f"{exc} (in {arch} {phase})", f'"{name}"', phase_start) from None
+                    raise self.error(f"duplicate syscall {shorten_name(name)} in {arch} {phase}", f'"{name}"', phase_start)
+                known_nr = table.number(name)
+                if known_nr is None:
+                    raise self.error(f"{unknown_name_message(name, arch)} (in {arch} {phase})", f'"{name}"', phase_start)
                 if nr is not None and nr != known_nr:
                     raise self.error(
                         f"{name} has number {nr} here, but libseccomp numbers it {known_nr} on {arch}: "
@@ -166,7 +191,6 @@ class _Reader:
                         f'"{name}"',
                         phase_start,
                     )
-                assert table.number(name) == known_nr
                 profile.add(arch, phase, name, calls)
 
     def _entry(self, entry: Any, arch: str, phase: Phase, start: int) -> tuple[str, int | None, int]:
@@ -189,15 +213,31 @@ class _Reader:
         for field in dataclasses.fields(TraceInfo):
             if field.name in ("transitions", "lost", "unresolved", "problems") or field.name not in item:
                 continue
-            setattr(trace, field.name, item[field.name])
+            setattr(trace, field.name, self.trace_field(field.name, item[field.name], index))
         trace.transitions = [self.transition(raw, index) for raw in self.sequence(item.get("transitions", []), "transitions")]
-        trace.lost = {str(key): int(value) for key, value in self.mapping(item.get("lost", {}), "lost").items()}
-        trace.unresolved = {
-            str(arch): {int(nr): int(calls) for nr, calls in self.mapping(numbers, "unresolved").items()}
-            for arch, numbers in self.mapping(item.get("unresolved", {}), "unresolved").items()
-        }
+        try:
+            trace.lost = {str(key): _count(value) for key, value in self.mapping(item.get("lost", {}), "lost").items()}
+            trace.unresolved = {
+                str(arch): {int(nr): _count(calls) for nr, calls in self.mapping(numbers, "unresolved").items()}
+                for arch, numbers in self.mapping(item.get("unresolved", {}), "unresolved").items()
+            }
+        except ValueError as exc:
+            raise self.error(f"traces[{index}]: {exc}", '"traces"') from None
         trace.problems = [str(problem) for problem in self.sequence(item.get("problems", []), "problems")]
         return trace
+
+    def trace_field(self, name: str, value: Any, index: int) -> Any:
+        """Return ``value`` when it has the type of TraceInfo field ``name``, else raise ProfileError."""
+        expected = _TRACE_FIELD_TYPES[name]
+        valid = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
+        if value is None and name in _OPTIONAL_TRACE_FIELDS:
+            valid = True
+        if not valid:
+            kind = " or ".join(dict.fromkeys(_TYPE_NAMES[item] for item in expected))
+            raise self.error(f"traces[{index}].{name} must be {kind}, got {_shorten(value)}", f'"{name}"', self.text.find('"traces"'))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(f"traces[{index}].{name} must be a finite time in seconds", f'"{name}"', self.text.find('"traces"'))
+        return value
 
     def transition(self, raw: Any, index: int) -> Transition:
         if not isinstance(raw, dict):
@@ -205,10 +245,18 @@ class _Reader:
         try:
             phase = Phase(raw["phase"])
             previous = Phase(raw["previous"]) if raw.get("previous") else None
-            time = float(raw["time"])
+            time = raw["time"]
+            if isinstance(time, bool) or not isinstance(time, (int, float)) or not math.isfinite(time):
+                raise ValueError(f'"time" must be a finite number of seconds, got {_shorten(time)}')
         except (KeyError, ValueError, TypeError) as exc:
             raise self.error(f"invalid transition in traces[{index}]: {exc}", '"transitions"') from None
+        time = float(time)
         return Transition(phase, previous, time, str(raw.get("reason", "")), str(raw.get("detector", "")))
+
+
+def _shorten(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _ordered_arches(profile: Profile) -> list[str]:

@@ -11,12 +11,14 @@ directories read fine and are written back sorted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
-from speaker.compile.arches import UnknownSyscall, all_syscall_names, check_syscall, home_arch, host_arches
+from speaker.compile.arches import all_syscall_names, home_arch, host_arches
 from speaker.events import PHASES, Phase
-from speaker.profiles.errors import ProfileError
+from speaker.profiles.errors import ProfileError, shorten_name, unknown_name_message
+from speaker.profiles.files import exists, read_text
 from speaker.profiles.model import Profile
 
 
@@ -26,7 +28,7 @@ def list_file(directory: Path, phase: Phase) -> Path:
 
 def is_lists_dir(path: Path) -> bool:
     """Return whether ``path`` is a directory with at least one phase file."""
-    return path.is_dir() and any(list_file(path, phase).is_file() for phase in PHASES)
+    return path.is_dir() and any(exists(list_file(path, phase)) for phase in PHASES)
 
 
 def read_list_file(path: Path, *, allow_empty: bool = False) -> list[str]:
@@ -36,14 +38,11 @@ def read_list_file(path: Path, *, allow_empty: bool = False) -> list[str]:
     that is not a syscall name (with the closest known name), a duplicate, or
     an empty file unless ``allow_empty``.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(
-            "missing phase file: a SPEAKER profile directory needs booting, running and shutdown", path=path
-        ) from None
-    except UnicodeDecodeError:
-        raise ProfileError("not a SPEAKER phase file: it is not UTF-8 text", path=path) from None
+    text = read_text(
+        path,
+        "a SPEAKER phase file",
+        missing="missing phase file: a SPEAKER profile directory needs booting, running and shutdown",
+    )
     names: list[str] = []
     seen: dict[str, int] = {}
     known = all_syscall_names()
@@ -103,20 +102,24 @@ def write_lists_dir(profile: Profile, directory: Path) -> list[Path]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename.
+
+    Raises OSError, after removing the temporary file, when either step fails.
+    """
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
 
 
 def _unknown_name_message(name: str) -> str:
     if not name.replace("_", "").isalnum():
-        return f"{name!r} is not a syscall name: write one name per line, such as 'openat'"
-    try:
-        check_syscall(host_arches()[0], name)
-    except UnknownSyscall as exc:
-        return str(exc)
-    return f"unknown syscall name {name!r}"
+        return f"{shorten_name(name)} is not a syscall name: write one name per line, such as 'openat'"
+    return unknown_name_message(name, host_arches()[0])

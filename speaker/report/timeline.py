@@ -8,7 +8,6 @@ written by the ``jsonl`` sink. Both become the same ``ContainerTimeline``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,11 +25,17 @@ from speaker.events import (
     TraceIncomplete,
     event_from_dict,
 )
-from speaker.trace_file import HEADER_TYPE, TraceFileError, read_trace
+from speaker.trace_file import HEADER_TYPE, ROW_TYPE, TraceFileError, check_event_times, clip_message, decode_line, read_trace
 
 
 class ReportInputError(ValueError):
     """A trace the report cannot read. The message names the file and line."""
+
+
+# TODO: the per-second series is built densely, so a watch-mode trace longer
+# than MAX_SPAN cannot be reported (one stray row years away would need gigabytes).
+#: Longest time span a report covers, 31 days in seconds.
+MAX_SPAN = 31 * 86400
 
 
 @dataclasses.dataclass
@@ -123,6 +128,17 @@ class ContainerTimeline:
             [len(self.names.get(second, ())) for second in seconds],
         )
 
+    def check_span(self) -> None:
+        """Raise ReportInputError when the syscalls span more than ``MAX_SPAN`` seconds."""
+        if not self.calls:
+            return
+        first, last = min(self.calls), max(self.calls)
+        if last - first > MAX_SPAN:
+            raise ReportInputError(
+                f"the syscalls of container {self.label} span {last - first} seconds, from {first} to {last}, "
+                f"more than the {MAX_SPAN} seconds (31 days) a report covers: check the trace for rows with wrong times"
+            )
+
     def phase_stats(self) -> list[PhaseStats]:
         """Return one entry per phase that began, in order."""
         origin = self.origin
@@ -150,30 +166,46 @@ class ContainerTimeline:
 def read_events(path: Path) -> Iterator[Event]:
     """Yield the events of a trace log or a jsonl event file. Raises ReportInputError naming file and line."""
     try:
-        with path.open(encoding="utf-8") as stream:
+        with path.open("rb") as stream:
             first = stream.readline()
     except OSError as exc:
         raise ReportInputError(f"{path}: cannot read the trace: {exc.strerror}") from None
     try:
-        header = json.loads(first) if first.strip() else None
-    except json.JSONDecodeError as exc:
-        raise ReportInputError(f"{path}:1: not a trace: invalid JSON ({exc.msg})") from None
+        header = decode_line(path, 1, first)
+    except TraceFileError as exc:
+        raise ReportInputError(f"{exc}; pass a trace_log file or a jsonl event file") from None
     if isinstance(header, dict) and header.get("type") == HEADER_TYPE:
         try:
             yield from read_trace(path)
         except TraceFileError as exc:
             raise ReportInputError(str(exc)) from None
         return
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
+    yield from _read_event_file(path)
+
+
+def _read_event_file(path: Path) -> Iterator[Event]:
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
             try:
-                yield event_from_dict(json.loads(line))
-            except (json.JSONDecodeError, ValueError) as exc:
+                data = decode_line(path, number, raw)
+            except TraceFileError as exc:
+                raise ReportInputError(f"{exc}; pass a trace_log file or a jsonl event file") from None
+            if data is None:
+                continue
+            if isinstance(data, dict) and data.get("type") == ROW_TYPE:
+                # A trace log whose header line is missing or damaged.
                 raise ReportInputError(
-                    f"{path}:{number}: not a trace line ({exc}); pass a trace_log file or a jsonl event file"
+                    f"{path}:1: not a trace log: the first line must be the trace_log header that the trace_log "
+                    f"sink writes, but line {number} is a syscall row of a trace log"
+                )
+            try:
+                event = event_from_dict(data)
+                check_event_times(event)
+            except ValueError as exc:
+                raise ReportInputError(
+                    f"{path}:{number}: not a trace line ({clip_message(str(exc))}); pass a trace_log file or a jsonl event file"
                 ) from None
+            yield event
 
 
 def build_timelines(events: Iterable[Event]) -> dict[str, ContainerTimeline]:

@@ -103,3 +103,71 @@ def test_report_on_pipeline_trace(tmp_path: Path) -> None:
     assert "(listen: TCP port 6379 is in LISTEN)" in result.stdout
     assert "12 syscall records were lost" in result.stdout
     assert png_size(tmp_path / "spk-c-e2e-redis.png") == (1200, 700)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('"start_time":1796415715.8000002', '"start_time":NaN', "start_time must be a finite time in seconds, got NaN"),
+        (
+            '"second":1796415715,"phase":"booting","start_time":1796415715.8000002,"end_time":1796415716.0',
+            '"second":1e30,"phase":"booting","start_time":1e30,"end_time":1e30',
+            "start_time must be seconds since the epoch from 0 to 253402300799",
+        ),
+    ],
+    ids=["nan", "1e30"],
+)
+def test_report_rejects_impossible_times(tmp_path: Path, old: str, new: str, message: str) -> None:
+    text = TRACE.read_text()
+    assert old in text
+    path = tmp_path / "trace.jsonl"
+    path.write_text(text.replace(old, new, 1))
+    result = speaker("report", str(path), "--no-plot")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    # Line 10 is the first syscall row.
+    assert f"error: {path}:10: invalid trace line: {message}" in result.stderr
+
+
+def test_report_blames_missing_header(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(TRACE.read_text().splitlines(keepends=True)[1:]))
+    result = speaker("report", str(path), "--no-plot")
+    assert result.returncode == 2
+    assert f"error: {path}:1: not a trace log: the first line must be the trace_log header" in result.stderr
+    # Line 9 of the cut file is the first syscall row.
+    assert "line 9 is a syscall row" in result.stderr
+
+
+def test_report_names_line_of_bad_byte(tmp_path: Path) -> None:
+    for name, line in (("header.jsonl", 1), ("row.jsonl", 10)):
+        lines = TRACE.read_bytes().split(b"\n")
+        lines[line - 1] = lines[line - 1].replace(b"trace_log" if line == 1 else b"booting", b"\xff", 1)
+        path = tmp_path / name
+        path.write_bytes(b"\n".join(lines))
+        result = speaker("report", str(path), "--no-plot")
+        assert result.returncode == 2, result.stderr
+        assert f"error: {path}:{line}: " in result.stderr
+        assert "is not UTF-8 text (0xff)" in result.stderr
+
+
+def test_report_rejects_nan_in_event_file(tmp_path: Path) -> None:
+    lines = EVENTS.read_text().splitlines()
+    number, event = next((number, json.loads(line)) for number, line in enumerate(lines, 1) if '"SyscallCounts"' in line)
+    lines[number - 1] = lines[number - 1].replace(json.dumps(event["start_time"]), "NaN", 1)
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = speaker("report", str(path), "--no-plot")
+    assert result.returncode == 2, result.stderr
+    assert f"error: {path}:{number}: not a trace line (start_time must be a finite time in seconds, got NaN)" in result.stderr
+
+
+def test_report_rejects_span_over_limit(tmp_path: Path) -> None:
+    # One row moved to 9999-12-31: a dense series up to there would need gigabytes.
+    old = '"second":1796415715,"phase":"booting","start_time":1796415715.8000002,"end_time":1796415716.0'
+    new = '"second":253402300798,"phase":"booting","start_time":253402300798.5,"end_time":253402300799'
+    path = tmp_path / "trace.jsonl"
+    path.write_text(TRACE.read_text().replace(old, new, 1))
+    result = speaker("report", str(path), "--no-plot")
+    assert result.returncode == 2, result.stderr
+    assert f"error: {path}: the syscalls of container spk-c-capture-redis span {253402300798 - 1796415716} seconds" in result.stderr

@@ -142,3 +142,103 @@ def test_rephase_rejects_other_files(tmp_path):
     assert f"{RECORDING}:1: not a trace log" in result.stderr
     with pytest.raises(TraceFileError, match="cannot open"):
         list(read_trace(tmp_path / "missing.jsonl"))
+
+
+TRACE = DATA / "profiles" / "redis-1-trace.jsonl"
+# Line 10 of TRACE is its first syscall row, of the booting second.
+ROW_LINE = 10
+
+
+def edited_trace(tmp_path: Path, edit) -> Path:
+    """Copy TRACE with ``edit`` applied to the bytes of its first syscall row; return the copy."""
+    lines = TRACE.read_bytes().split(b"\n")
+    lines[ROW_LINE - 1] = edit(lines[ROW_LINE - 1])
+    path = tmp_path / "trace.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    return path
+
+
+def set_fields(**values: str):
+    """Return an edit that replaces the JSON values of row fields with raw JSON text, such as NaN."""
+
+    def edit(line: bytes) -> bytes:
+        row = json.loads(line)
+        for key in values:
+            row[key] = f"@{key}@"
+        text = json.dumps(row)
+        for key, raw in values.items():
+            text = text.replace(f'"@{key}@"', raw)
+        return text.encode()
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (set_fields(start_time="NaN"), "start_time must be a finite time in seconds, got NaN"),
+        (set_fields(end_time="Infinity"), "end_time must be a finite time in seconds, got Infinity"),
+        (
+            set_fields(second="1e30", start_time="1e30", end_time="1e30"),
+            "start_time must be seconds since the epoch from 0 to 253402300799 (the end of the year 9999), got 1e+30",
+        ),
+        (set_fields(end_time="1796415715.0"), "end_time 1796415715.0 is before start_time 1796415715.8000002"),
+        (set_fields(second="1796415999"), "second must be the whole second of start_time, 1796415715, got 1796415999"),
+        (lambda line: line.replace(b'"access":1', b'"access":-1'), "the count of 'access' on 'x86_64' must be a whole number"),
+        (lambda line: line.replace(b"booting", b"boot\xffing", 1), "byte 141 is not UTF-8 text (0xff)"),
+        (lambda line: b"[" * 100_000, "invalid JSON: arrays or objects are nested too deeply"),
+    ],
+    ids=["nan", "infinity", "1e30", "end-before-start", "second", "negative-count", "not-utf8", "nested"],
+)
+def test_rephase_rejects_bad_row(tmp_path, edit, message):
+    trace = edited_trace(tmp_path, edit)
+    result = rephase(str(trace), "--detector", '{type="delay", after="1s"}', "-o", str(tmp_path / "out"))
+    assert result.returncode == ExitCode.USAGE, result.stdout
+    assert f"error: {trace}:{ROW_LINE}: " in result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_trace_rejects_nan_event_time(tmp_path):
+    lines = TRACE.read_text().splitlines()
+    # Line 3 is the container's start event.
+    lines[2] = lines[2].replace('"event_time":1796415715.919587', '"event_time":NaN')
+    path = tmp_path / "trace.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceFileError, match=r":3: invalid trace line: event_time must be a finite time in seconds, got NaN"):
+        list(read_trace(path))
+
+
+def test_trace_skips_byte_order_mark(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + TRACE.read_bytes())
+    assert len(list(read_trace(path))) == len(list(read_trace(TRACE)))
+
+
+def test_rephase_without_rows_is_incomplete(tmp_path):
+    # The header and the lifecycle and phase events, cut before the first syscall row.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(TRACE.read_text().splitlines(keepends=True)[: ROW_LINE - 1]))
+    result = rephase(str(cut), "--detector", '{type="delay", after="1s"}', "-o", str(tmp_path / "out"))
+    assert result.returncode == ExitCode.INCOMPLETE, result.stderr
+    directory = tmp_path / "out" / "spk-c-capture-redis"
+    profile = json.loads((directory / "profile.json").read_text())
+    assert profile["complete"] is False
+    for phase in ("booting", "running", "shutdown"):
+        assert f"the {phase} list is empty although the phase began" in result.stderr
+        assert any(f"the {phase} list is empty" in problem for problem in profile["problems"])
+    # profile show accepts what rephase wrote, because it is marked incomplete.
+    show = subprocess.run(
+        [PYTHON, "-m", "speaker", "profile", "show", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert show.returncode == 0, show.stderr
+    assert "Complete: NO" in show.stdout
+
+
+def test_rephase_output_is_a_file(tmp_path):
+    target = tmp_path / "existing"
+    target.write_text("")
+    result = rephase(str(TRACE), "--detector", "window", "-o", str(target))
+    assert result.returncode == ExitCode.USAGE
+    assert f"error: {target}: is a file, not a directory" in result.stderr
