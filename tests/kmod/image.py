@@ -26,8 +26,12 @@ from pathlib import Path, PurePosixPath
 _NEWC_MAGIC = "070701"
 
 # Standard library modules that other modules import inside functions (argparse
-# imports shutil to format help, tracebacks need linecache and tokenize).
-LAZY_STDLIB = ("shutil", "traceback", "linecache", "tokenize", "textwrap", "gettext", "locale", "queue", "warnings")
+# imports shutil to format help, tracebacks need linecache and tokenize, and
+# codecs finds an encoding's module only when a decode names it).
+LAZY_STDLIB = (
+    "shutil", "traceback", "linecache", "tokenize", "textwrap", "gettext", "locale", "queue", "warnings",
+    "encodings.utf_8_sig",
+)  # fmt: skip
 
 # Run by the interpreter that the guest uses, with the guest's search path:
 # imports LAZY_STDLIB and each script's top-level imports, runs anyio's event

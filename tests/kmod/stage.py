@@ -172,7 +172,9 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
+# /tmp stays the initramfs's own directory, writable like the rest of it: a
+# tmpfs mounted over it would hide a checkout or a virtualenv under /tmp.
+mkdir -p /tmp
 echo "speaker-guest: booted after $(cut -d ' ' -f 1 /proc/uptime) s"
 cd {GUEST_WORKDIR}
 PYTHONPATH={python_path} {command}
