@@ -218,8 +218,8 @@ class RecordLoss(Event):
     """Syscall observations that a source detected as missed or unparsable.
 
     Any loss makes the traced profile incomplete. ``reason`` is a stable token:
-    ``enobufs``, ``serial_gap``, ``kernel_lost``, ``garbled``, ``rotated_away``,
-    ``map_full``, ``late_flush``, ``unattributed`` or ``backlog``.
+    ``enobufs``, ``serial_gap``, ``kernel_lost``, ``garbled``, ``out_of_range``,
+    ``rotated_away``, ``map_full``, ``late_flush``, ``unattributed`` or ``backlog``.
     """
 
     source: str

@@ -7,11 +7,18 @@ import time
 from typing import Any
 
 from speaker.audit.chunks import ChunkResult
+from speaker.audit.follow import MAX_LINE_LENGTH, LongLine
 from speaker.engine import ExitCode, PipelineContext
 from speaker.events import Event, RecordLoss, SignalRecord, SyscallCounts, SyscallKey, SyscallRecord
 
-#: Seconds between two ``garbled_records`` warnings; lines in between are counted into the next one.
+#: Seconds between two ``garbled_records`` (or ``out_of_range_records``)
+#: warnings; lines in between are counted into the next one.
 WARNING_INTERVAL = 10.0
+_GARBLED_DETAIL = "lines that are not valid audit records were skipped"
+_OUT_OF_RANGE_DETAIL = (
+    "SECCOMP records with an arch other than x86_64 and x86, an impossible pid, or a syscall number that no "
+    "profile can contain were skipped"
+)
 
 
 class AuditEvents:
@@ -26,9 +33,12 @@ class AuditEvents:
         self.signals = 0
         self.lost: collections.Counter[str] = collections.Counter()
         self.paths: collections.Counter[str] = collections.Counter()
-        self._garbled_unreported = 0
-        self._garbled_example = b""
-        self._last_warning = -WARNING_INTERVAL
+        # Per warning event (garbled_records, out_of_range_records): lines not yet
+        # logged, the first of them, and the time of the last warning.
+        self._unreported: collections.Counter[str] = collections.Counter()
+        self._examples: dict[str, bytes] = {}
+        self._last_warning: dict[str, float] = {}
+        self._longest_skipped_line = 0
 
     def from_chunk(self, result: ChunkResult) -> list[Event]:
         """Return the events of a chunk: its signals, a SyscallCounts (and SyscallRecords, if kept), and a RecordLoss for its garbled lines.
@@ -84,10 +94,19 @@ class AuditEvents:
                 )
             )
         if result.garbled:
-            events.extend(self.losses({"garbled": result.garbled}, "lines that are not valid audit records were skipped"))
-            self._garbled_unreported += result.garbled
-            self._garbled_example = self._garbled_example or result.garbled_example
-            self._warn_garbled()
+            events += self.losses({"garbled": result.garbled}, _GARBLED_DETAIL)
+            self._count_unreported("garbled_records", result.garbled, result.garbled_example)
+        if result.out_of_range:
+            events += self.losses({"out_of_range": result.out_of_range}, _OUT_OF_RANGE_DETAIL)
+            self._count_unreported("out_of_range_records", result.out_of_range, result.out_of_range_example)
+        return events
+
+    def from_long_line(self, line: LongLine) -> list[Event]:
+        """Return the RecordLoss of a line that was skipped because it is too long, and count it as garbled."""
+        detail = f"a line of {line.size} bytes in {line.path}, longer than {MAX_LINE_LENGTH} bytes, was skipped"
+        events = self.losses({"garbled": 1}, detail)
+        self._longest_skipped_line = max(self._longest_skipped_line, line.size)
+        self._count_unreported("garbled_records", 1, line.example)
         return events
 
     def losses(self, counts: dict[str, int], detail: str = "") -> list[Event]:
@@ -104,7 +123,8 @@ class AuditEvents:
 
     def finish(self) -> None:
         """Log the totals, and report lost records to the pipeline result."""
-        self._warn_garbled(force=True)
+        for event in list(self._unreported):
+            self._warn(event, force=True)
         self.log.info(
             "audit_summary",
             records=self.records,
@@ -118,16 +138,28 @@ class AuditEvents:
                 ExitCode.INCOMPLETE, f"audit records were lost or unreadable ({summary}), so the trace is incomplete"
             )
 
-    def _warn_garbled(self, force: bool = False) -> None:
+    def _count_unreported(self, event: str, count: int, example: bytes) -> None:
+        self._unreported[event] += count
+        self._examples[event] = self._examples.get(event) or example
+        self._warn(event)
+
+    def _warn(self, event: str, force: bool = False) -> None:
+        """Log ``event`` with the lines counted since its last warning, at most once every WARNING_INTERVAL unless ``force``."""
         now = time.monotonic()
-        if not self._garbled_unreported or (not force and now - self._last_warning < WARNING_INTERVAL):
+        if not self._unreported[event]:
             return
-        self.log.warning(
-            "garbled_records",
-            count=self._garbled_unreported,
-            total=self.lost["garbled"],
-            example=self._garbled_example.decode("utf-8", "replace"),
-        )
-        self._garbled_unreported = 0
-        self._garbled_example = b""
-        self._last_warning = now
+        if not force and now - self._last_warning.get(event, -WARNING_INTERVAL) < WARNING_INTERVAL:
+            return
+        reason = "garbled" if event == "garbled_records" else "out_of_range"
+        fields: dict[str, Any] = {
+            "count": self._unreported[event],
+            "total": self.lost[reason],
+            "example": self._examples.pop(event, b"").decode("utf-8", "replace"),
+        }
+        if reason == "garbled" and self._longest_skipped_line:
+            # Bytes of the longest line skipped as too long since the last warning.
+            fields["skipped_line_bytes"] = self._longest_skipped_line
+            self._longest_skipped_line = 0
+        self.log.warning(event, **fields)
+        self._unreported[event] = 0
+        self._last_warning[event] = now

@@ -43,6 +43,33 @@ _ARCH_NAMES = {
 }
 
 
+#: Pids are below PID_MAX_LIMIT, which is 4 * 1024 * 1024 on 64-bit kernels
+#: (include/linux/threads.h).
+PID_LIMIT = 4 * 1024 * 1024
+#: Syscall numbers of x86_64, x86 and x32 (without the x32 bit) are below
+#: this. The Linux 6.1 headers end at 450 for x86_64, and x32's own range
+#: ends at 547, so the limit leaves room for newer syscalls.
+SYSCALL_LIMIT = 1024
+#: Architectures that SPEAKER's profiles cover, by their AUDIT_ARCH_* value.
+_SUPPORTED_ARCHES = {AUDIT_ARCH_X86_64, AUDIT_ARCH_I386}
+
+
+def supported_arch(audit_arch: int, nr: int) -> str | None:
+    """Return libseccomp's arch name for a syscall that a profile can list, or None.
+
+    None means that the arch is not x86_64 or x86, or that the number is
+    outside 0 to SYSCALL_LIMIT - 1 (with the x32 bit for x32). The kernel
+    runs the seccomp filter before it checks the number, so a program that
+    calls an unused number (syscall(4000)) gets a record with that number.
+    """
+    if audit_arch not in _SUPPORTED_ARCHES:
+        return None
+    index = nr & ~X32_SYSCALL_BIT if audit_arch == AUDIT_ARCH_X86_64 else nr
+    if not 0 <= index < SYSCALL_LIMIT:
+        return None
+    return arch_name(audit_arch, nr)
+
+
 def arch_name(audit_arch: int, nr: int) -> str:
     """Return libseccomp's name for the architecture of one syscall.
 

@@ -12,7 +12,7 @@ import anyio
 
 from speaker.audit.chunks import ChunkParser
 from speaker.audit.counting import AuditEvents
-from speaker.audit.follow import AuditLogFollower, Chunk, Switch
+from speaker.audit.follow import AuditLogFollower, Chunk, NotRegularFileError, Switch
 from speaker.audit.kernel import KERNEL_LOST_DETAIL, SERIAL_GAP_DETAIL, KernelAudit
 from speaker.audit.marker import DrainMarker
 from speaker.audit.serials import SerialTracker
@@ -34,7 +34,10 @@ class AuditLogOptions:
         False, help="Stop at the end of the file instead of waiting for more, for replaying a captured log."
     )
     read_size: ByteSize = option(
-        ByteSize.parse("1MiB"), min=4096, help="Bytes read and parsed at once when the log has a backlog."
+        ByteSize.parse("1MiB"),
+        min=4096,
+        max=ByteSize.parse("64MiB"),
+        help="Bytes read and parsed at once when the log has a backlog.",
     )
     flush_interval: Duration = option(
         Duration.parse("100ms"),
@@ -113,6 +116,10 @@ class AuditLog(Source):
                 f"cannot read {options.path}: permission denied. Run SPEAKER as root, or add its user to the "
                 "log_group of auditd.conf, or use the audit_netlink source, which needs no auditd"
             ) from None
+        except NotRegularFileError:
+            raise ComponentError(
+                f"{options.path}: not a regular file; set path to auditd's log file, such as /var/log/audit/audit.log"
+            ) from None
         except OSError as exc:
             raise ComponentError(f"cannot open {options.path}: {exc.strerror}") from exc
 
@@ -159,9 +166,12 @@ class AuditLog(Source):
                 if isinstance(item, Chunk):
                     # Parsed on the event loop's thread: a hop to a worker thread per
                     # chunk made the source about a third slower on a 2-core host.
-                    result = self.parser.parse(item.buffer, item.end)
-                    markers = self.marker.take(result)
-                    events += self.events.from_chunk(result)
+                    for long_line in item.long_lines:
+                        events += self.events.from_long_line(long_line)
+                    if item.end:
+                        result = self.parser.parse(item.buffer, item.end)
+                        markers = self.marker.take(result)
+                        events += self.events.from_chunk(result)
                 elif isinstance(item, Switch):
                     events += self._switched(item)
                 events += self.events.losses(self.tracker.confirm(), SERIAL_GAP_DETAIL)
@@ -187,6 +197,9 @@ class AuditLog(Source):
         finally:
             with anyio.CancelScope(shield=True):
                 events = []
+                long_line = self.follower.take_long_line()
+                if long_line is not None:
+                    events += self.events.from_long_line(long_line)
                 leftover = self.follower.leftover()
                 if leftover:
                     # A line without its newline at the end: a record cut short.
@@ -205,6 +218,8 @@ class AuditLog(Source):
             rotated_away=switch.rotated_away,
         )
         events: list[Event] = []
+        if switch.long_line is not None:
+            events += self.events.from_long_line(switch.long_line)
         if switch.partial_line:
             result = self.parser.parse(switch.partial_line + b"\n")
             events += self.events.from_chunk(result)

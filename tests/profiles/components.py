@@ -20,11 +20,10 @@ class EventFileOptions:
 class EventFile(Source):
     """Send the events of a jsonl file, then optionally fail, to test what sinks keep.
 
-    It reads the file with plain blocking I/O.
+    The built-in jsonl_replay source reads the same files; this one adds
+    ``fail_after``, and reads with plain blocking I/O, which a test can afford.
     """
 
-    # TODO: use the built-in jsonl_replay source once it opens files with
-    # `async with aiofiles.open(...)`; with aiofiles 25.1 it fails on its first line.
     type_name = "event_file"
     Options = EventFileOptions
     emits = (Event,)

@@ -219,3 +219,168 @@ def test_chunk_must_end_with_newline():
     parser = ChunkParser(SerialTracker())
     with pytest.raises(ValueError, match="newline"):
         parser.parse(b"type=SECCOMP msg=audit(1.000:1): pid=1")
+
+
+def insert_lines(text: bytes, inserts: dict[int, bytes]) -> bytes:
+    """Return ``text`` with a line inserted before each given line index (counted in the original text)."""
+    lines = text.split(b"\n")[:-1]
+    for index in sorted(inserts, reverse=True):
+        lines.insert(index, inserts[index])
+    return b"".join(line + b"\n" for line in lines)
+
+
+#: Lines that are not audit records: random bytes, a block of NULs, an empty
+#: line, text without a header, and a header whose serial is not a number.
+JUNK_LINES = [
+    random.Random(7).randbytes(3000).replace(b"\n", b"."),
+    b"\0" * 65536,
+    b"",
+    b"A" * 5000,
+    b"type=SECCOMP msg=audit(1796416970.577:x): pid=1",
+]
+
+
+@pytest.mark.parametrize("sizes", [[30000], [3000, 17000, 500]])
+def test_garbled_same_on_every_path(sizes):
+    clean = read_fixture("two/audit.log.gz")
+    line_count = clean.count(b"\n")
+    # Spread over the file, inside runs of SECCOMP lines that the fast path would take.
+    positions = [line_count * (index + 1) // (len(JUNK_LINES) + 1) for index in range(len(JUNK_LINES))]
+    text = insert_lines(clean, dict(zip(positions, JUNK_LINES)))
+
+    counts, results, tracker = parse_in_chunks(text, sizes)
+    exact_counts, exact_results, exact_tracker = parse_in_chunks(text, sizes, keep_records=True)
+    clean_counts, clean_results, _ = parse_in_chunks(clean, sizes)
+
+    assert sum(result.garbled for result in results) == len(JUNK_LINES)
+    assert sum(result.garbled for result in exact_results) == len(JUNK_LINES)
+    assert counts == exact_counts == reference_counts(clean)
+    assert tracker.confirm(final=True) == exact_tracker.confirm(final=True) == {}
+    assert "fast" in {result.path for result in clean_results}
+    assert {result.path for result in exact_results} == {"exact"}
+
+
+def test_random_bytes_all_garbled():
+    text = random.Random(11).randbytes(1 << 20)
+    text = text[: text.rfind(b"\n") + 1]
+    lines = text.split(b"\n")[:-1]
+    # An independent check that no line happens to start like a record.
+    assert not any(line.startswith(b"type=") for line in lines)
+
+    counts, results, tracker = parse_in_chunks(text, [65536])
+    exact_counts, exact_results, _ = parse_in_chunks(text, [65536], keep_records=True)
+
+    assert sum(result.garbled for result in results) == len(lines)
+    assert sum(result.garbled for result in exact_results) == len(lines)
+    assert counts == exact_counts == {}
+    assert tracker.confirm(final=True) == {}
+
+
+def test_glued_records_same_on_every_path():
+    # The damaged fixture glues a cut record to half of the next one.
+    text = read_fixture("garbled/audit.log")
+    complete = text[: text.rfind(b"\n") + 1]
+    for sizes in (None, [2000], [700]):
+        counts, results, tracker = parse_in_chunks(complete, sizes)
+        exact_counts, exact_results, exact_tracker = parse_in_chunks(complete, sizes, keep_records=True)
+        assert sum(result.garbled for result in results) == 6
+        assert sum(result.garbled for result in exact_results) == 6
+        assert counts == exact_counts
+        assert tracker.confirm(final=True) == exact_tracker.confirm(final=True) == {"serial_gap": 1}
+
+
+def replace_field(line: bytes, name: bytes, value: bytes) -> bytes:
+    """Return a SECCOMP line with the value of the field ``name`` (such as b"arch") replaced."""
+    start = line.index(b" " + name + b"=") + len(name) + 2
+    return line[:start] + value + line[line.index(b" ", start) :]
+
+
+#: Values that parse but no profile can contain, and values that do not parse.
+OUT_OF_RANGE_FIELDS = [
+    (b"arch", b"c00000b7"),  # aarch64
+    (b"syscall", b"99999999999999999999999"),
+    (b"syscall", b"4000"),
+    (b"syscall", b"-1"),
+    (b"pid", b"100000000000000000000000"),
+    (b"pid", b"4194304"),  # PID_MAX_LIMIT, one more than the largest pid
+    (b"pid", b"0"),
+]
+GARBLED_FIELDS = [
+    (b"pid", b"1e23"),
+    (b"syscall", b"0x10"),
+]
+
+
+def damage_records(text: bytes, changes: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
+    """Replace one field in SECCOMP records spread over ``text``; return the damaged text and the text without those records.
+
+    Each change replaces a record in place, so the serials stay continuous and
+    the fast path can take the chunk.
+    """
+    lines = text.split(b"\n")[:-1]
+    seccomp = [index for index, line in enumerate(lines) if line.startswith(b"type=SECCOMP ")]
+    targets = [seccomp[len(seccomp) * (index + 1) // (len(changes) + 1)] for index in range(len(changes))]
+    for index, (name, value) in zip(targets, changes):
+        lines[index] = replace_field(lines[index], name, value)
+    damaged = b"".join(line + b"\n" for line in lines)
+    untouched = b"".join(line + b"\n" for index, line in enumerate(lines) if index not in targets)
+    return damaged, untouched
+
+
+@pytest.mark.parametrize("sizes", [None, [20000]])
+def test_out_of_range_keys_counted(sizes):
+    damaged, untouched = damage_records(read_fixture("two/audit.log.gz"), OUT_OF_RANGE_FIELDS + GARBLED_FIELDS)
+
+    counts, results, tracker = parse_in_chunks(damaged, sizes)
+    exact_counts, exact_results, _ = parse_in_chunks(damaged, sizes, keep_records=True)
+
+    for chunk_results in (results, exact_results):
+        assert sum(result.out_of_range for result in chunk_results) == len(OUT_OF_RANGE_FIELDS)
+        assert sum(result.garbled for result in chunk_results) == len(GARBLED_FIELDS)
+    assert counts == exact_counts == reference_counts(untouched)
+    assert sum(result.records for result in results) == sum(counts.values())
+    assert tracker.confirm(final=True) == {}
+    examples = [result.out_of_range_example for result in results if result.out_of_range]
+    assert examples
+    assert all(example.startswith(b"pid=") for example in examples)
+
+
+def test_out_of_range_keys_on_fast_path():
+    damaged, untouched = damage_records(read_fixture("two/audit.log.gz"), OUT_OF_RANGE_FIELDS)
+    counts, results, _ = parse_in_chunks(damaged, [20000])
+    fast = [result for result in results if result.path == "fast" and result.out_of_range]
+    assert fast
+    assert sum(result.out_of_range for result in results) == len(OUT_OF_RANGE_FIELDS)
+    assert counts == reference_counts(untouched)
+    for result in fast:
+        assert result.records == sum(result.counts.values())
+        assert set(result.spans) == set(result.counts)
+
+
+def test_highest_numbers_in_range():
+    line = next(line for line in read_fixture("i386/audit.log").split(b"\n") if line.startswith(b"type=SECCOMP "))
+    pid = int(line.split(b" pid=")[1].split(b" ")[0])
+    highest_pid = replace_field(replace_field(line, b"pid", b"4194303"), b"syscall", b"1023")
+    highest_x32 = replace_field(line, b"syscall", str(0x40000000 | 1023).encode())
+    counts, results, _ = parse_in_chunks(highest_pid + b"\n" + highest_x32 + b"\n", keep_records=True)
+    assert set(counts) == {(4194303, "x86_64", 1023), (pid, "x32", 0x40000000 | 1023)}
+    assert sum(result.out_of_range for result in results) == 0
+
+
+def test_damaged_time_counted_garbled():
+    text = read_fixture("two/audit.log.gz")
+    lines = text.split(b"\n")[:-1]
+    seccomp = [index for index, line in enumerate(lines) if line.startswith(b"type=SECCOMP ")]
+    target = seccomp[len(seccomp) // 2]
+    # A key of its own, so that this line is its key's first and last record,
+    # whose time the fast path reads.
+    line = replace_field(lines[target], b"pid", b"4000000")
+    stamp = line.index(b"audit(") + len(b"audit(")
+    lines[target] = line[:stamp] + b"x" + line[stamp + 1 :]
+    damaged = b"".join(line + b"\n" for line in lines)
+
+    for keep_records in (False, True):
+        counts, results, tracker = parse_in_chunks(damaged, [20000], keep_records=keep_records)
+        assert sum(result.garbled for result in results) == 1
+        assert all(key[0] != 4000000 for key in counts)
+        assert tracker.confirm(final=True) == {"serial_gap": 1}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import random
 import subprocess
 import time
 import uuid
@@ -14,7 +16,7 @@ import pytest
 from speaker.audit.control import DEFAULT_STATE_DIR, AuditSettingsLease
 from tests.conftest import PYTHON, ROOT
 from tests.sources.audit_reference import read_fixture, reference_counts
-from tests.sources.conftest import PREFIX, read_events, start_pipeline
+from tests.sources.conftest import PREFIX, PipelineRun, read_events, start_pipeline
 
 GETPPID = 110
 
@@ -293,3 +295,165 @@ def test_records_option_emits_each_record(work_dir):
     assert i386 == [("x86", 20, "i386", "/i386"), ("x86", 4, "i386", "/i386"), ("x86", 1, "i386", "/i386")]
     serials = [record["serial"] for record in records]
     assert serials == sorted(serials)
+
+
+def replay_pipeline(work_dir: Path, log: Path, output: Path, extra: str = "") -> Path:
+    """Write a pipeline that replays ``log`` through audit_log into a jsonl sink."""
+    return write_pipeline(
+        work_dir,
+        f'[sources.audit]\ntype = "audit_log"\npath = "{log}"\nstart = "beginning"\nstop_at_end = true\n{extra}\n'
+        f'[sinks.out]\ntype = "jsonl"\ninputs = ["audit"]\npath = "{output}"\n',
+    )
+
+
+@pytest.mark.parametrize("extra", ["", "records = true\n"])
+def test_audit_log_counts_random_bytes_garbled(work_dir, extra):
+    data = random.Random(5).randbytes(1 << 20)
+    log = work_dir / f"random-{uuid.uuid4().hex[:8]}.log"
+    log.write_bytes(data)
+    output = work_dir / f"random-{uuid.uuid4().hex[:8]}.jsonl"
+    run = start_pipeline(replay_pipeline(work_dir, log, output, extra))
+    assert run.finish() == 3, "".join(run.stderr_lines[-8:])
+    # Every line is garbled, the last one too, which has no newline.
+    lines = data.split(b"\n")
+    assert not any(line.startswith(b"type=") for line in lines)
+    assert losses(read_events(output)) == {"garbled": len(lines)}
+    problem = next(record for record in run.log_records() if record.get("event") == "pipeline_problem")
+    assert f"{len(lines)} garbled" in str(problem["problem"])
+
+
+def test_audit_log_reports_out_of_range_records(work_dir):
+    lines = read_fixture("i386/audit.log").split(b"\n")[:-1]
+    index = next(
+        number for number, line in enumerate(lines) if line.startswith(b"type=SECCOMP ") and b" arch=c000003e " in line
+    )
+    line = lines[index]
+    lines[index] = line.replace(b" arch=c000003e ", b" arch=c00000b7 ")
+    log = work_dir / f"aarch64-{uuid.uuid4().hex[:8]}.log"
+    log.write_bytes(b"".join(line + b"\n" for line in lines))
+    output = work_dir / f"aarch64-{uuid.uuid4().hex[:8]}.jsonl"
+    run = start_pipeline(replay_pipeline(work_dir, log, output))
+    assert run.finish() == 3
+    events = read_events(output)
+    assert losses(events) == {"out_of_range": 1}
+    assert sum(counts_by_source(events)["audit"].values()) == 355 - 1
+    warning = next(record for record in run.log_records() if record.get("event") == "out_of_range_records")
+    assert "arch=c00000b7" in str(warning["example"])
+
+
+def wait_with_rusage(run: PipelineRun, timeout: float) -> tuple[int, int]:
+    """Wait for a pipeline run; return its exit code and its peak RSS in KiB, from wait4."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(run.process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            run.process.kill()
+            raise AssertionError("the pipeline did not finish in time")
+        time.sleep(0.1)
+    run.process.returncode = os.waitstatus_to_exitcode(status)
+    assert run.process.stderr is not None
+    run.stderr_lines += run.process.stderr.readlines()
+    return run.process.returncode, usage.ru_maxrss
+
+
+@pytest.mark.parametrize("newline", [b"\n", b""])
+def test_audit_log_memory_bounded_by_long_line(work_dir, newline):
+    size = 200 << 20
+    log = work_dir / f"long-{uuid.uuid4().hex[:8]}.log"
+    with log.open("wb") as handle:
+        for _ in range(size >> 20):
+            handle.write(b"A" * (1 << 20))
+        handle.write(newline)
+    output = work_dir / f"long-{uuid.uuid4().hex[:8]}.jsonl"
+    try:
+        run = start_pipeline(replay_pipeline(work_dir, log, output))
+        code, peak_kib = wait_with_rusage(run, 120)
+    finally:
+        log.unlink()
+    assert code == 3
+    assert peak_kib < 150 * 1024, f"peak RSS {peak_kib} KiB"
+    assert losses(read_events(output)) == {"garbled": 1}
+    warning = next(record for record in run.log_records() if record.get("event") == "garbled_records")
+    assert warning["skipped_line_bytes"] == size + len(newline)
+
+
+def test_audit_log_rejects_non_regular_files(work_dir):
+    fifo = work_dir / f"fifo-{uuid.uuid4().hex[:8]}.log"
+    os.mkfifo(fifo)
+    try:
+        for path in (fifo, Path("/dev/zero")):
+            pipeline = write_pipeline(
+                work_dir,
+                f'[sources.audit]\ntype = "audit_log"\npath = "{path}"\n\n[sinks.out]\ntype = "count"\ninputs = ["audit"]\n',
+            )
+            run = start_pipeline(pipeline)
+            try:
+                code = run.finish(timeout=30)
+            finally:
+                if run.process.poll() is None:
+                    run.process.kill()
+            assert code == 1
+            failed = next(record for record in run.log_records() if record.get("event") == "component_failed")
+            assert failed["error"] == (
+                f"{path}: not a regular file; set path to auditd's log file, such as /var/log/audit/audit.log"
+            )
+    finally:
+        fifo.unlink()
+
+
+def test_audit_log_read_size_maximum(work_dir):
+    log = work_dir / "i386-audit.log"
+    log.write_bytes(read_fixture("i386/audit.log"))
+    pipeline = replay_pipeline(work_dir, log, work_dir / "unused.jsonl", 'read_size = "64GiB"\n')
+    result = subprocess.run(
+        [PYTHON, "-m", "speaker", "run", str(pipeline)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert """[sources.audit] key 'read_size': "64GiB" is above the maximum "64MiB\"""" in result.stderr
+
+
+#: Calls two syscall numbers that no kernel defines. The kernel runs the
+#: seccomp filter before it checks the number, so both are logged.
+UNUSED_NUMBERS_PROGRAM = """
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(void) { syscall(4000); syscall(-1L); return 0; }
+"""
+
+
+def test_unused_syscall_numbers_out_of_range(work_dir, programs, demo_images, is_root):
+    source = work_dir / "unused.c"
+    source.write_text(UNUSED_NUMBERS_PROGRAM)
+    binary = work_dir / "unused"
+    build = subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(source)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    output = work_dir / "unused.jsonl"
+    pipeline = write_pipeline(
+        work_dir,
+        '[sources.audit]\ntype = "audit_netlink"\n\n'
+        f'[sinks.out]\ntype = "jsonl"\ninputs = ["audit"]\npath = "{output}"\n',
+    )
+    run = start_pipeline(pipeline)
+    run.wait_for_log("pipeline_started")
+
+    name = f"{PREFIX}unused-{uuid.uuid4().hex[:8]}"
+    container = subprocess.run(
+        ["docker", "run", "--rm", "--name", name, "--network", "none",
+         "--security-opt", f"seccomp={programs['profile']}", "-v", f"{binary}:/unused:ro",
+         "speaker-demo/redis", "/unused"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert container.returncode == 0, container.stderr
+    time.sleep(1.0)
+    assert run.finish(interrupt=True) == 3
+
+    # Other traces on the host may lose records too; only this container's are checked.
+    warnings = [record for record in run.log_records() if record.get("event") == "out_of_range_records"]
+    examples = " ".join(str(warning["example"]) for warning in warnings)
+    assert losses(read_events(output))["out_of_range"] >= 2
+    assert 'exe="/unused"' in examples
+    assert "syscall=4000" in examples or "syscall=-1" in examples
+    counted = {key for key in counts_by_source(read_events(output))["audit"] if key[2] in (4000, -1)}
+    assert counted == set()
