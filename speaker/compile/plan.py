@@ -253,9 +253,13 @@ def _finish(
     applied: dict[str, Action] = {}
     for arch in settings.arches:
         for name, action in invariant_rules(settings, arch).items():
-            # An invariant only replaces the default action, so a listed or
-            # notified syscall keeps the action the lists gave it.
-            if name not in rules[arch]:
+            # An invariant replaces the default action, so a listed syscall
+            # keeps the action the lists gave it. An invariant that allows
+            # also replaces a notification: the supervisor would deny
+            # rt_sigreturn or exit_group in a phase whose list lacks it, and
+            # the process would crash or hang instead of ending cleanly.
+            current = rules[arch].get(name)
+            if current is None or (current == NOTIFY and action == ALLOW):
                 rules[arch][name] = action
                 applied[name] = action
     phase_lists = {item: frozenset().union(*(per_arch[arch][item] for arch in per_arch)) for item in PHASES}

@@ -87,6 +87,21 @@ def test_notify_filter_every_syscall(exact: bool, default: Action) -> None:
             assert action == INVARIANT_ACTIONS.get(name, default), name
 
 
+def test_notify_layout_never_notifies_allowing_invariants() -> None:
+    # A trace can miss rt_sigreturn or exit_group in running (redis handles
+    # no signal while it serves). Notified, the supervisor would deny them
+    # in running, and a handled signal would crash the process.
+    only_booting = {"exit", "exit_group", "rt_sigreturn", "restart_syscall", "clone3"}
+    lists = {"x86_64": {Phase.BOOTING: BOOTING | only_booting, Phase.RUNNING: RUNNING, Phase.SHUTDOWN: SHUTDOWN}}
+    for exact in (False, True):
+        plan = notify_plan(lists, CompileSettings(), exact=exact)
+        for name in ("exit", "exit_group", "rt_sigreturn", "restart_syscall"):
+            assert plan.action("x86_64", name) == ALLOW, name
+        # clone3 stays with the supervisor: ENOSYS in booting would send glibc
+        # to clone, which the trace may never have seen.
+        assert plan.action("x86_64", "clone3") == NOTIFY
+
+
 def test_union_filter_allows_all_phases() -> None:
     plan = plan_layout(LISTS, Layout.UNION, CompileSettings())
     assert plan.allowed - INVARIANT_NAMES == BOOTING | RUNNING | SHUTDOWN

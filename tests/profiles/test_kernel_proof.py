@@ -256,6 +256,36 @@ def test_rt_sigreturn_invariant_in_kernel() -> None:
         signal.signal(signal.SIGUSR1, previous)
 
 
+def test_handled_signal_survives_notify_layout_without_rt_sigreturn_in_running() -> None:
+    # The lists leave rt_sigreturn and exit_group out of running, so the
+    # notify layout would notify them; the listener denies every
+    # notification, as the supervisor does in running for a booting-only
+    # syscall. The invariants keep both in the kernel, so the handler returns
+    # and the child exits normally.
+    libc = ctypes.CDLL(None, use_errno=True)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        lists = build_lists(extra=("kill", "getpid"))
+        running = lists["x86_64"][Phase.RUNNING] - {"rt_sigreturn", "exit_group"}
+        lists["x86_64"] = {
+            Phase.BOOTING: lists["x86_64"][Phase.BOOTING] | {"rt_sigreturn", "exit_group"},
+            Phase.RUNNING: running,
+            Phase.SHUTDOWN: lists["x86_64"][Phase.SHUTDOWN] | {"rt_sigreturn", "exit_group"},
+        }
+        bpf = compile_plan(notify_plan(lists, CompileSettings())).bpf
+        result = run_probes(
+            bpf,
+            [Probe("x86_64", "getppid")],
+            listener=lambda arch_token, nr: SUPERVISOR_ERRNO,
+            before_probes=lambda: libc.kill(os.getpid(), signal.SIGUSR1),
+        )
+        assert result.signal == 0
+        assert result.exit_code == 0
+        assert not {"rt_sigreturn", "exit_group"} & {name for _, name in result.notified}
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_probe_numbers_match_kernel_tables() -> None:
     # Hand-checked against arch/x86/entry/syscalls/syscall_64.tbl and syscall_32.tbl.
     assert syscall_table("x86_64").number("getppid") == 110
