@@ -29,7 +29,9 @@ class ProfileError(ValueError):
 
 def write_log_profile(directory: Path) -> Path:
     """Write the log-everything profile to ``directory`` (replacing it atomically) and return its path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    # 0700: /run/speaker also holds the supervisor's socket, which refuses a
+    # directory that other users can enter.
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / LOG_PROFILE_NAME
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(LOG_PROFILE, indent=2) + "\n")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from speaker.audit.leases import LeaseRegistry
+from speaker.launch.seccomp import write_log_profile
 from speaker.notify.handoff import HandoffError, ListenerSocket, prepare_directory
 
 #: The project's virtualenv may not be readable by other users, so the
@@ -171,3 +173,15 @@ def test_stale_socket_replaced(is_root: None, socket_dir: Path) -> None:
 def test_live_socket_not_taken_over(listener: ListenerSocket) -> None:
     with pytest.raises(FileExistsError, match="another process listens"):
         ListenerSocket(listener.path).open()
+
+
+def test_trace_state_directories_leave_the_supervisor_a_root_only_parent(is_root: None, socket_dir: Path) -> None:
+    # A trace creates /run/speaker first (the audit lease and the
+    # log-everything profile), and the supervisor later puts its socket
+    # there, so the trace must create it root-only too.
+    write_log_profile(socket_dir / "profile")
+    with LeaseRegistry("spk-test-lease", socket_dir / "leases").locked():
+        pass
+    for directory in (socket_dir / "profile", socket_dir / "leases"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+        prepare_directory(directory)
