@@ -44,7 +44,7 @@ if [ ! -x .venv/bin/python ]; then
 	python3 -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,plot]'
 
 images/build.sh
 echo "Ready. Trace the demo redis image with: sudo .venv/bin/python -m speaker run pipelines/trace.toml"
