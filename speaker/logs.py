@@ -15,6 +15,15 @@ import structlog
 
 LogFormat = Literal["auto", "console", "json"]
 LEVELS = ("debug", "info", "warning", "error")
+_HEX = frozenset("0123456789abcdef")
+
+
+def short_container_ids(_logger: object, _method: str, event_dict: dict) -> dict:
+    """Shorten a full 64-digit ``container`` id to Docker's 12, so one container has one key value in every line."""
+    container = event_dict.get("container")
+    if isinstance(container, str) and len(container) == 64 and _HEX.issuperset(container):
+        event_dict["container"] = container[:12]
+    return event_dict
 
 
 def configure(log_format: LogFormat = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -30,6 +39,7 @@ def configure(log_format: LogFormat = "auto", level: str = "info", stream: TextI
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            short_container_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),

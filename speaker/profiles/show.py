@@ -145,7 +145,10 @@ def _table_lines(data: dict[str, Any]) -> list[str]:
     lines.append(f"{'union':<10}{data['union']:>9}")
     if has_baseline:
         lines.append(f"{'baseline':<10}{data['baseline']['syscalls']:>9}  ({data['baseline']['label']})")
-    lines.append("'vs union' and 'vs baseline' are how many fewer syscalls the phase allows (1 - phase/other).")
+    if has_baseline:
+        lines.append("'vs union' and 'vs baseline' are how many fewer syscalls the phase allows (1 - phase/other).")
+    else:
+        lines.append("'vs union' is how many fewer syscalls the phase allows than the union (1 - phase/union).")
     return lines
 
 
