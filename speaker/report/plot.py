@@ -43,6 +43,7 @@ def plot_timeline(timeline: ContainerTimeline, prefix: Path) -> list[Path]:
     origin = timeline.origin
     ordered = sorted(timeline.boundaries, key=lambda item: item.time)
     end = timeline.last_time - origin
+    right = max(end, seconds[-1] if seconds else 0.0) + 0.2
     for index, boundary in enumerate(ordered):
         start = boundary.time - origin
         stop = ordered[index + 1].time - origin if index + 1 < len(ordered) else end
@@ -51,20 +52,26 @@ def plot_timeline(timeline: ContainerTimeline, prefix: Path) -> list[Path]:
             axis.axvspan(start, max(stop, start), color=color, alpha=0.15, linewidth=0)
             axis.axvline(start, color=color, linewidth=1.5)
         label = f"{boundary.phase} ({boundary.detector or '?'})"
+        # A label near the right edge is written leftwards from its line, so that it stays inside the plot.
+        leftwards = start > 0.75 * right
         top.annotate(
             label,
             xy=(start, 1.0),
             xycoords=("data", "axes fraction"),
             # Phases can begin milliseconds apart, so each label gets its own line.
-            xytext=(3, -12 - 12 * index),
+            xytext=(-3 if leftwards else 3, -12 - 12 * index),
             textcoords="offset points",
+            horizontalalignment="right" if leftwards else "left",
             fontsize=9,
             color=color,
             fontweight="bold",
         )
-    for when, action in timeline.markers:
+    for index, (when, action) in enumerate(sorted(timeline.markers)):
         bottom.axvline(when - origin, color="#555555", linewidth=0.8, linestyle=":")
-        bottom.annotate(action, xy=(when - origin, 0.02), xycoords=("data", "axes fraction"), fontsize=8, rotation=90)
+        # Docker's kill, stop and die events come within a second, so their labels stand at different heights.
+        bottom.annotate(
+            action, xy=(when - origin, 0.02 + 0.2 * (index % 4)), xycoords=("data", "axes fraction"), fontsize=8, rotation=90
+        )
 
     reasons = [
         f"{boundary.phase} at +{boundary.time - origin:.3f} s, {boundary.detector or '?'}: {boundary.reason}" for boundary in ordered
@@ -78,7 +85,8 @@ def plot_timeline(timeline: ContainerTimeline, prefix: Path) -> list[Path]:
     figure.tight_layout(rect=(0, 0.02 + 0.025 * len(reasons), 1, 0.97))
     for axis in (top, bottom):
         axis.grid(True, alpha=0.3)
-        axis.set_xlim(left=0.0, right=max(end, seconds[-1] if seconds else 0.0) + 0.2)
+        axis.set_xlim(left=0.0, right=right)
+        axis.set_ylim(bottom=0)
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = [prefix.with_name(prefix.name + ".png"), prefix.with_name(prefix.name + ".svg")]
