@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
+import json
 import re
 import time
 from pathlib import Path
@@ -25,9 +27,11 @@ from speaker.events import (
     SyscallRecord,
     TraceIncomplete,
 )
+from speaker.keep_earlier import check_writable, move_aside
 from speaker.options import Duration, OptionError, option
 from speaker.profiles.builder import ContainerProfile, ProfileBuilder
-from speaker.profiles.directory import write_profile_dir
+from speaker.profiles.directory import is_profile_dir, write_profile_dir
+from speaker.profiles.profile_json import FILE_NAME
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -37,7 +41,9 @@ class ProfileFilesOptions:
     directory: Path = option(
         Path("profiles"),
         help="Directory that receives one subdirectory per traced container, named after the container "
-        "(or its short id when it has no name). Created if missing; files of the same name are replaced.",
+        "(or its short id when it has no name). Created if missing. A profile that an earlier run left in a "
+        "subdirectory is renamed after the time in its profile.json, such as redis.2026-12-04T23-59-01Z, "
+        "so the newest profile is always at the usual name.",
     )
     subdirectory: str = option(
         "{name}",
@@ -117,9 +123,15 @@ class ProfileFiles(Sink):
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ComponentError(f"cannot create the profile directory {directory}: {exc.strerror}") from exc
+        check_writable(
+            directory, "new profiles cannot be written there and earlier ones cannot be moved aside", "directory"
+        )
         docker_version = await _docker_version()
         self._builder = ProfileBuilder(source=f"pipeline {self.context.spec.path}", docker_version=docker_version)
         self._directories: dict[str, Path] = {}
+        #: Directories this run has written or cleared for writing. Rewrites
+        #: within the run, as in watch mode, replace each other.
+        self._owned: set[Path] = set()
         self._last_write = time.monotonic()
         self._reported: set[str] = set()
         self._exited: set[str] = set()
@@ -156,6 +168,14 @@ class ProfileFiles(Sink):
                 f"the pipeline stopped because {', '.join(failed)} failed, so every phase may miss syscalls"
             )
         directory = self._directory_for(container_id, entry)
+        if directory not in self._owned:
+            # TODO: when this rename fails during the run (setup found the
+            # directory writable), the container's new profile is not written,
+            # and only a trace log of the run can restore it with rephase.
+            kept = await anyio.to_thread.run_sync(_keep_earlier, directory)
+            if kept is not None:
+                self.log.info("profile_kept", container=container_id[:12], path=str(directory), moved_to=str(kept))
+            self._owned.add(directory)
         try:
             write = functools.partial(write_profile_dir, listener_path=self.options.listener_path)
             written = await anyio.to_thread.run_sync(write, profile, directory, self._settings)
@@ -197,6 +217,25 @@ class ProfileFiles(Sink):
             directory = self.options.directory / f"{base}-{container_id[:12]}"
         self._directories[container_id] = directory
         return directory
+
+
+def _keep_earlier(directory: Path) -> Path | None:
+    """Move a profile that an earlier run left in ``directory`` aside and return where it went, or None when there is none."""
+    if not is_profile_dir(directory):
+        return None
+    return move_aside(directory, _created_time(directory / FILE_NAME))
+
+
+def _created_time(path: Path) -> float | None:
+    """Return the ``created`` time of a profile.json in seconds since the epoch, or None when it cannot be read."""
+    try:
+        created = json.loads(path.read_text(encoding="utf-8")).get("created")
+        moment = datetime.datetime.fromisoformat(created)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.timestamp()
 
 
 async def _docker_version() -> str:

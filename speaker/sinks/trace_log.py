@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiofiles
 
-from speaker.component import Batch, Sink
+from speaker.component import Batch, Input, Sink
 from speaker.errors import ComponentError
 from speaker.events import (
     ContainerEvent,
@@ -26,13 +26,17 @@ from speaker.events import (
     SyscallRecord,
     TraceIncomplete,
 )
+from speaker.keep_earlier import check_output_file, keep_earlier_file
 from speaker.options import Duration, option
 from speaker.trace_file import FORMAT_VERSION, HEADER_TYPE, ROW_TYPE
 
 
 @dataclasses.dataclass(frozen=True)
 class TraceLogOptions:
-    path: Path = option(help="Output file. Parent directories are created; an existing file is replaced.")
+    path: Path = option(
+        help="Output file. Parent directories are created. A non-empty file from an earlier run is renamed "
+        "after its header's time, such as trace.2026-12-04T23-59-01Z.jsonl, so the newest trace is always at path."
+    )
     samples: bool = option(
         True, help="Also write ProcessSample events, which the listen and quiescence detectors need to rephase."
     )
@@ -76,18 +80,27 @@ class TraceLog(Sink):
     )
 
     async def setup(self) -> None:
+        # The file is opened only when the pipeline runs, so a run that fails
+        # during setup leaves the earlier trace log where it was.
+        check_output_file(self.options.path, "trace log", "path")
+        self._file = None
+        self._rows: dict[tuple[str, int, str], _Row] = {}
+        self._last_write = time.monotonic()
+        self.rows_written = 0
+        self.events_written = 0
+
+    async def run(self, input: Input) -> None:
         path = self.options.path
+        kept = keep_earlier_file(path, _header_time(path))
+        if kept is not None:
+            self.log.info("trace_log_kept", path=str(path), moved_to=str(kept))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             self._file = await aiofiles.open(path, "w", encoding="utf-8")
         except OSError as exc:
             raise ComponentError(f"cannot open {path} for writing: {exc.strerror}") from exc
         header = {"type": HEADER_TYPE, "version": FORMAT_VERSION, "created": time.time()}
         await self._file.write(json.dumps(header) + "\n")
-        self._rows: dict[tuple[str, int, str], _Row] = {}
-        self._last_write = time.monotonic()
-        self.rows_written = 0
-        self.events_written = 0
+        await super().run(input)
 
     async def write_batch(self, batch: Batch) -> None:
         lines: list[str] = []
@@ -156,6 +169,8 @@ class TraceLog(Sink):
         return lines
 
     async def flush(self) -> None:
+        if self._file is None:
+            return
         lines = self._take_rows()
         if lines:
             await self._file.write("\n".join(lines) + "\n")
@@ -167,3 +182,14 @@ class TraceLog(Sink):
         if file is not None:
             await file.close()
             self.log.info("trace_log_closed", path=str(self.options.path), rows=self.rows_written, events=self.events_written)
+
+
+def _header_time(path: Path) -> float | None:
+    """Return the ``created`` time of a trace log's header, or None when the first line is not such a header."""
+    try:
+        with path.open("rb") as file:
+            header = json.loads(file.readline(4096))
+    except (OSError, ValueError):
+        return None
+    created = header.get("created") if isinstance(header, dict) and header.get("type") == HEADER_TYPE else None
+    return float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else None

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from speaker.component import Batch, Sink
+from speaker.component import Batch, Input, Sink
 from speaker.engine import ExitCode
 from speaker.errors import ComponentError
 from speaker.events import PHASES, Violation
+from speaker.keep_earlier import check_output_file, keep_earlier_file
 from speaker.options import option
 
 
@@ -21,11 +22,14 @@ from speaker.options import option
 class ViolationsOptions:
     path: str = option(
         "violations.jsonl",
-        help='JSON lines file with one Violation per line, or "-" for standard output. Parent directories are created.',
+        help='JSON lines file with one Violation per line, or "-" for standard output. Parent directories are '
+        "created. A non-empty file from an earlier run is renamed after its modification time, such as "
+        "violations.2026-12-04T23-59-01Z.jsonl, so the newest violations are always at path.",
     )
     summary: str = option(
         "",
-        help="JSON file for the counts at exit (per container, phase and syscall); empty writes none.",
+        help="JSON file for the counts at exit (per container, phase and syscall); empty writes none. "
+        "A summary from an earlier run is renamed like path.",
     )
     fail_on_violation: bool = option(
         False, help="Make the pipeline exit with code 4 when any violation was reported."
@@ -40,18 +44,36 @@ class Violations(Sink):
     accepts = (Violation,)
 
     async def setup(self) -> None:
+        # Files are opened and earlier ones moved aside only when the pipeline
+        # runs, so a run that fails during setup leaves them where they were.
         self._file = None
         self.total = 0
         self.by_phase: collections.Counter[str] = collections.Counter()
         self.by_key: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
-        if self.options.path == "-":
-            return
-        path = Path(self.options.path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in teardown
-        except OSError as exc:
-            raise ComponentError(f"cannot open {path} for writing: {exc.strerror}") from exc
+        for option_name, what, path in self._output_files():
+            check_output_file(path, what, option_name)
+
+    def _output_files(self) -> list[tuple[str, str, Path]]:
+        """Return the option name, description and path of each file this sink writes."""
+        files = []
+        if self.options.path != "-":
+            files.append(("path", "violations file", Path(self.options.path)))
+        if self.options.summary:
+            files.append(("summary", "violations summary", Path(self.options.summary)))
+        return files
+
+    async def run(self, input: Input) -> None:
+        for _, _, path in self._output_files():
+            kept = keep_earlier_file(path)
+            if kept is not None:
+                self.log.info("violations_kept", path=str(path), moved_to=str(kept))
+        if self.options.path != "-":
+            path = Path(self.options.path)
+            try:
+                self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in teardown
+            except OSError as exc:
+                raise ComponentError(f"cannot open {path} for writing: {exc.strerror}") from exc
+        await super().run(input)
 
     async def write_batch(self, batch: Batch) -> None:
         lines = []
