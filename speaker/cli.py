@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m speaker",
         description="Trace containers through booting, running and shutdown, and enforce one syscall list per phase.",
         parents=[common],
-        epilog="Exit codes: 0 success, 1 a component failed, 2 invalid command line or pipeline file, "
-        "3 finished but incomplete (lost trace records), 4 violations found with --fail-on-violation, "
+        epilog="Exit codes: 0 success, 1 a component failed or an enforced container crashed, 2 invalid command "
+        "line or pipeline file, 3 finished but incomplete (lost trace records, or a traced container was not "
+        "found ready), 4 violations found while the violations sink's fail_on_violation option is true, "
         "130 aborted by a signal during setup or by a second signal.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

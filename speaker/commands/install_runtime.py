@@ -176,7 +176,12 @@ def install(args: argparse.Namespace) -> int:
 
 
 def launcher_script(socket: str, runc: str) -> str:
-    """Return the /bin/sh launcher for ``socket`` and ``runc``, with every value quoted for sh, JSON and sed."""
+    """Return the /bin/sh launcher for ``socket`` and ``runc``, with every value quoted for sh, JSON and sed.
+
+    The listenerMetadata it adds names the program that added the listener
+    (``speaker-runtime``, as the console script sends), not the runtime entry
+    from ``--name``: the supervisor only logs it in ``listener_attached``.
+    """
     fields = (
         json.dumps("listenerPath")
         + ":"

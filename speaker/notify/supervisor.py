@@ -37,8 +37,8 @@ class SupervisorOptions:
     socket: Path = option(
         DEFAULT_SOCKET,
         help="Unix socket on which the OCI runtime hands over listener fds. Its directory is created "
-        "with mode 0700 and must be root-only. It must match the profile's listenerPath or the "
-        "speaker-runtime wrapper's --speaker-socket.",
+        "with mode 0700 and must be root-only. It must match the profile's listenerPath or the --socket "
+        "given to `python -m speaker install-runtime`.",
     )
     mode: Literal["enforce", "complain"] = option(
         "enforce", help='"enforce" denies syscalls outside the current phase; "complain" allows them and reports them.'

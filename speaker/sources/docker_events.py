@@ -59,6 +59,12 @@ class DockerEventsOptions:
         help="Time to wait after the launched container exits, so that its last audit records arrive, "
         "before the pipeline stops.",
     )
+    report_exit: bool = option(
+        True,
+        help="Report a launched container that exits by itself with a non-zero code as an incomplete result "
+        "(exit code 3), because its trace may end early. Set false where a later stage reports the exit, as "
+        "the enforce stage does.",
+    )
     output: bool = option(True, help="Emit the containers' stdout and stderr lines as ContainerOutput events.")
     reconnect_max: Duration = option(
         Duration.parse("10s"), min=0.1, help="Maximum wait between two attempts to reconnect to the Docker daemon."
@@ -209,7 +215,7 @@ class DockerEvents(Source):
                 exit_code=exit_code,
                 last_output=tracked.output.text(),
             )
-            if exit_code not in (0, None):
+            if exit_code not in (0, None) and self.options.report_exit:
                 self.context.report_problem(
                     ExitCode.INCOMPLETE,
                     f"container {tracked.name or container_id[:12]} exited by itself with code {exit_code} before "

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from speaker.component import Input, Output, Stage
+from speaker.component import Batch, Input, Output, Stage
+from speaker.engine import ExitCode
+from speaker.enforce_exits import ExitWatch
 from speaker.enforce_profile import compile_settings
-from speaker.events import CompiledFilter, ContainerEvent, PhaseChange, Violation
+from speaker.events import CompiledFilter, ContainerEvent, ContainerOutput, Event, PhaseChange, Violation
 from speaker.kmod_backend import DENY_ACTIONS, KmodBackend, KmodSettings
 from speaker.kmod_driver import KmodOptions
 from speaker.notify.supervisor import NotifySupervisor, SupervisorOptions, check_supervisor_options
@@ -44,6 +47,9 @@ class EnforceOptions(KmodOptions, SupervisorOptions, BackendOption):
     """The options of both back ends. A dataclass lists the fields of its last base first, so ``backend`` leads."""
 
 
+#: Options, by component type, that report a container's early exit as an incomplete trace.
+TRACING_REPORTS = {"docker_events": ("report_exit",), "phase_machine": ("report_not_ready",)}
+
 #: Options of the kmod back end alone, from KmodOptions.
 KMOD_ONLY = tuple(spec.name for spec in option_specs(KmodOptions))
 
@@ -57,11 +63,16 @@ class Enforce(Stage):
     module on its start event, and switches programs on each PhaseChange, as
     the ``kmod`` sink does. ``check_options`` rejects an option that the
     chosen back end would ignore.
+
+    A container that crashes, or that the kernel kills with SIGSYS, under
+    enforcement makes the pipeline fail (exit code 1) with one message that
+    names its exit code, its phase and its violations (speaker.enforce_exits).
+    ContainerOutput lines only feed the last output of that message.
     """
 
     type_name = "enforce"
     Options = EnforceOptions
-    accepts = (PhaseChange, ContainerEvent, CompiledFilter)
+    accepts = (PhaseChange, ContainerEvent, CompiledFilter, ContainerOutput)
     emits = (Violation,)
 
     @classmethod
@@ -91,10 +102,42 @@ class Enforce(Stage):
         else:
             self._backend = NotifySupervisor(self.name, options, self.log)
         self.log.info("enforce_backend", backend=options.backend)
+        self._check_upstream_reports()
         await self._backend.setup()
 
+    def _check_upstream_reports(self) -> None:
+        """Log each upstream component that would also report a failed container as an incomplete trace."""
+        spec = self.context.spec
+        pending, seen = list(spec.components[self.name].inputs), set()
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            upstream = spec.components[name]
+            pending.extend(upstream.inputs)
+            for option in TRACING_REPORTS.get(upstream.type_name, ()):
+                if getattr(upstream.options, option):
+                    self.log.warning(
+                        "tracing_report_on",
+                        upstream=name,
+                        option=option,
+                        fix=f"set {upstream.section}.{name}.{option} = false, so that a container that fails "
+                        "under enforcement is not also reported as an incomplete trace (exit code 3)",
+                    )
+
     async def run(self, input: Input, output: Output) -> None:
-        await self._backend.run(input, output)
+        watch = ExitWatch(self.log, self._violations_path(), self.options.default_action == "kill-process")
+        await self._backend.run(WatchedInput(input, watch), WatchedOutput(output, watch))
+        for message in watch.problems():
+            self.context.report_problem(ExitCode.FAILED, message)
+
+    def _violations_path(self) -> str:
+        """Return the file of a violations sink fed by this stage, for messages, or "" when there is none."""
+        for consumer in self.context.spec.consumers_of(self.name):
+            if consumer.type_name == "violations":
+                return str(consumer.options.path)
+        return ""
 
     async def teardown(self) -> None:
         backend = getattr(self, "_backend", None)
@@ -111,3 +154,70 @@ def kmod_settings(options: EnforceOptions) -> KmodSettings:
         deny=DENY_ACTIONS[options.deny_action],
         running_margin=float(options.running_margin),
     )
+
+
+class WatchedInput(Input):
+    """The stage's input as passed to its back end: each event goes to ``watch`` first, and output lines stop there."""
+
+    def __init__(self, inner: Input, watch: ExitWatch) -> None:
+        self._inner = inner
+        self._watch = watch
+
+    async def _batches(self) -> AsyncIterator[Batch]:
+        async for batch in self._inner:
+            selected = self._see(batch)
+            if selected:
+                yield selected
+
+    async def receive(self) -> Batch:
+        while True:
+            selected = self._see(await self._inner.receive())
+            if selected:
+                return selected
+
+    def _see(self, batch: Batch) -> Batch:
+        for event in batch:
+            self._watch.observe(event)
+        return tuple(event for event in batch if not isinstance(event, ContainerOutput))
+
+    def statistics(self) -> Any:
+        return self._inner.statistics()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class WatchedOutput(Output):
+    """The stage's output as passed to its back end: each Violation sent also goes to ``watch``."""
+
+    def __init__(self, inner: Output, watch: ExitWatch) -> None:
+        self._inner = inner
+        self._watch = watch
+
+    @property
+    def connected(self) -> bool:
+        return self._inner.connected
+
+    @property  # type: ignore[override]
+    def autoflush(self) -> bool:
+        return self._inner.autoflush
+
+    @autoflush.setter
+    def autoflush(self, value: bool) -> None:
+        self._inner.autoflush = value
+
+    async def send(self, event: Event) -> None:
+        self._watch.observe(event)
+        await self._inner.send(event)
+
+    async def send_many(self, events: Iterable[Event]) -> None:
+        events = list(events)
+        for event in events:
+            self._watch.observe(event)
+        await self._inner.send_many(events)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

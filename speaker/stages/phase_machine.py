@@ -44,6 +44,12 @@ class PhaseMachineOptions:
         "before they are assigned to running, in case a stop (Docker's kill event, or the kernel's record of "
         "the stop signal) comes after them.",
     )
+    report_not_ready: bool = option(
+        True,
+        help="Report a container that exits, is stopped or times out before the detector finds it ready as an "
+        "incomplete result (exit code 3), because its traced profile then lacks the running phase. Set false "
+        "where a later stage reports it, as the enforce stage does; TraceIncomplete goes downstream either way.",
+    )
     clock: Literal["wall", "events"] = option(
         "wall",
         help='"wall" lets time pass with the system clock (live tracing); "events" only with the times of the '
@@ -125,6 +131,9 @@ class PhaseMachine(Stage):
                 )
             elif isinstance(event, TraceIncomplete):
                 container = event.container_id[:12]
+                if not self.options.report_not_ready:
+                    self.log.warning("not_found_ready", container=container, reason=event.reason, detail=event.detail)
+                    continue
                 self.log.error("trace_incomplete", container=container, reason=event.reason, detail=event.detail)
                 self.context.report_problem(
                     ExitCode.INCOMPLETE, f"container {container}: {event.detail}; its profile is marked incomplete"

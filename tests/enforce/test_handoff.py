@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import pytest
 from speaker.audit.leases import LeaseRegistry
 from speaker.launch.seccomp import write_log_profile
 from speaker.notify.handoff import HandoffError, ListenerSocket, prepare_directory
+from tests.enforce.conftest import TEST_PREFIX
 
 #: The project's virtualenv may not be readable by other users, so the
 #: non-root peers run the system interpreter, which only needs the socket module.
@@ -140,8 +144,21 @@ def test_non_root_peer_cannot_connect(listener: ListenerSocket) -> None:
     assert "PermissionError" in result.stderr
 
 
-def test_non_root_peer_rejected_by_credentials(listener: ListenerSocket) -> None:
+@pytest.fixture
+def open_listener(is_root: None) -> Iterator[ListenerSocket]:
+    """A listener outside /run/speaker, which stays root-only (0700), so that another user can reach its socket."""
+    parent = Path(tempfile.mkdtemp(prefix=f"{TEST_PREFIX}peer-", dir="/tmp"))
+    os.chmod(parent, 0o755)
+    sock = ListenerSocket(parent / "sock" / "supervisor.sock")
+    sock.open()
+    yield sock
+    sock.close()
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_non_root_peer_rejected_by_credentials(open_listener: ListenerSocket) -> None:
     # Even with the directory opened up, SO_PEERCRED rejects the peer.
+    listener = open_listener
     os.chmod(listener.path.parent, 0o755)
     os.chmod(listener.path, 0o777)
     script = (
