@@ -159,15 +159,21 @@ def install(args: argparse.Namespace) -> int:
         return ExitCode.OK
 
     if launcher_text:
-        write_launcher(args.launcher_path, launcher_text)
-        print(f"wrote {args.launcher_path}")
+        if launcher_current(args.launcher_path, launcher_text):
+            print(f"{args.launcher_path} is up to date")
+        else:
+            write_launcher(args.launcher_path, launcher_text)
+            print(f"wrote {args.launcher_path}")
     if previous == entry:
         print(f"{args.daemon_json} already registers runtime {args.name!r}")
     else:
         write_atomic(args.daemon_json, text)
         action = "updated" if previous is not None else "added"
         print(f"{action} runtime {args.name!r} in {args.daemon_json}; other settings are unchanged")
-    if args.reload:
+    if args.reload and previous == entry and dockerd_runtime_path(args.name) == entry["path"]:
+        # A SIGHUP makes dockerd reread its whole configuration, so it is sent only when something changed.
+        print(f"dockerd already has runtime {args.name!r}; no reload needed")
+    elif args.reload:
         reload_dockerd(args.pidfile, args.name)
     else:
         print(f"reload dockerd to use it: kill -HUP $(cat {args.pidfile})   (SIGHUP reloads runtimes; no restart)")
@@ -271,6 +277,27 @@ def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise InstallError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def launcher_current(path: Path, text: str) -> bool:
+    """Return whether the launcher at ``path`` already has ``text`` and is executable."""
+    try:
+        return path.read_text(encoding="utf-8") == text and os.access(path, os.X_OK)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def dockerd_runtime_path(name: str) -> str | None:
+    """Return the path of runtime ``name`` that the running dockerd uses, or None when it has none or cannot be asked."""
+    try:
+        result = subprocess.run(
+            ["docker", "info", "--format", "{{json .Runtimes}}"], capture_output=True, text=True, timeout=10
+        )
+        runtimes = json.loads(result.stdout or "{}") if result.returncode == 0 else {}
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
+        return None
+    runtime = runtimes.get(name) if isinstance(runtimes, dict) else None
+    return runtime.get("path") if isinstance(runtime, dict) else None
 
 
 def reload_dockerd(pidfile: Path, name: str, timeout: float = 10.0) -> None:

@@ -317,6 +317,24 @@ def redis_with_exec(enforce_runtime: str, tmp_path_factory: pytest.TempPathFacto
 # --- Tests -----------------------------------------------------------------------
 
 
+def test_install_runtime_again_changes_nothing(enforce_runtime: str) -> None:
+    # The session fixture registered the launcher already, so a second run
+    # finds everything in place and sends dockerd no SIGHUP.
+    code, _, output = run_speaker(
+        "install-runtime", "--name", RUNTIME, "--socket", str(SOCKET), "--launcher-path", str(LAUNCHER), "--reload"
+    )
+    assert code == 0, output
+    result = subprocess.run(
+        [PYTHON, "-m", "speaker", "install-runtime", "--name", RUNTIME, "--socket", str(SOCKET),
+         "--launcher-path", str(LAUNCHER), "--reload"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"{LAUNCHER} is up to date" in result.stdout
+    assert "already registers runtime" in result.stdout
+    assert "no reload needed" in result.stdout
+
+
 @pytest.mark.parametrize("image", ["redis", "nginx", "postgres"])
 def test_clean_life_has_no_violations(traced, image: str, tmp_path: Path) -> None:
     profile = traced(image)
