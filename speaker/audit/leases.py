@@ -35,8 +35,8 @@ class LeaseRegistry:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the registry's lock, so that a read, change and write of it is atomic."""
-        # 0700: /run/speaker also holds the supervisor's socket, which refuses
-        # a directory that other users can enter.
+        # 0700: /run/speaker also contains the supervisor's socket, which
+        # rejects a directory that other users can enter.
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self._lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -29,8 +29,8 @@ class ProfileError(ValueError):
 
 def write_log_profile(directory: Path) -> Path:
     """Write the log-everything profile to ``directory`` (replacing it atomically) and return its path."""
-    # 0700: /run/speaker also holds the supervisor's socket, which refuses a
-    # directory that other users can enter.
+    # 0700: /run/speaker also contains the supervisor's socket, which rejects
+    # a directory that other users can enter.
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / LOG_PROFILE_NAME
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

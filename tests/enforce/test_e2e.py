@@ -120,8 +120,8 @@ def trace(out: Path, image: str, detector: str, command: list[str]) -> Path:
 
     A trace that reports itself incomplete (exit 3: audit records lost or
     left unattributed while the host was busy) gives a profile that may lack
-    a syscall the server needs, and the enforced run would then fail for a
-    reason these tests do not look at. Such a trace is taken once more, and
+    a syscall the server needs. The enforced run would then fail for a
+    reason these tests do not check. Such a trace is taken once more, and
     the first one's problems are printed.
     """
     for attempt in (1, 2):

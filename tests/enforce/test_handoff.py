@@ -192,7 +192,7 @@ def test_live_socket_not_taken_over(listener: ListenerSocket) -> None:
         ListenerSocket(listener.path).open()
 
 
-def test_trace_state_directories_leave_the_supervisor_a_root_only_parent(is_root: None, socket_dir: Path) -> None:
+def test_trace_directories_root_only(is_root: None, socket_dir: Path) -> None:
     # A trace creates /run/speaker first (the audit lease and the
     # log-everything profile), and the supervisor later puts its socket
     # there, so the trace must create it root-only too.

@@ -256,9 +256,9 @@ def test_rt_sigreturn_invariant_in_kernel() -> None:
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_handled_signal_survives_notify_layout_without_rt_sigreturn_in_running() -> None:
+def test_notify_layout_handled_signal_survives() -> None:
     # The lists leave rt_sigreturn and exit_group out of running, so the
-    # notify layout would notify them; the listener denies every
+    # notify layout would notify them. The listener denies every
     # notification, as the supervisor does in running for a booting-only
     # syscall. The invariants keep both in the kernel, so the handler returns
     # and the child exits normally.

@@ -343,9 +343,9 @@ def test_audit_log_reports_out_of_range_records(work_dir):
 
 #: Runs argv[2:] as a child and writes its peak RSS in KiB (wait4's ru_maxrss)
 #: to argv[1]. Linux carries a process's peak RSS across fork and exec, so a
-#: pipeline started straight from pytest would report pytest's own size,
-#: which is above 250 MB late in the full suite; this small interpreter is
-#: the parent instead.
+#: pipeline started straight from pytest would report pytest's own size
+#: (above 250 MB late in the full suite). This small interpreter is the
+#: parent instead.
 RSS_SHIM = """
 import os, sys
 pid = os.fork()
