@@ -28,7 +28,7 @@ from speaker.events import Phase, Violation
 from speaker.notify.handoff import Handoff, HandoffError, ListenerSocket
 from speaker.notify.holds import Hold, HoldKeeper
 from speaker.notify.ioctl import Notification, NotifyFd, arch_name
-from speaker.notify.policy import PhasePolicy, decision_key, syscall_name
+from speaker.notify.policy import PhasePolicy, decision_key, deny_errno, syscall_name
 from speaker.notify.responder import WAKE_SIGNAL, ContainerState, Listener
 from speaker.notify.slots import ACCEPTED, WATCHDOG_RESPONSES, SlotTable
 from speaker.notify.watchdog import WatchdogClient
@@ -405,7 +405,7 @@ class NotifyAgent:
             self._report(listener, notification, phase, comm, "killed" if kill else "denied")
             if pidfd >= 0:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            notify.send_error(notification.id, errno.EPERM)
+            notify.send_error(notification.id, deny_errno(notification.audit_arch, notification.nr))
         finally:
             if pidfd >= 0:
                 os.close(pidfd)

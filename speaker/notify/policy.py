@@ -16,6 +16,7 @@ lack are notified too, and each phase allows exactly its own list.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable, Mapping
 
 import pyseccomp
@@ -107,6 +108,15 @@ def _numbers_everywhere(names: Iterable[str]) -> Iterable[int]:
         yield from _numbers(arch, names)
 
 
+def deny_errno(audit_arch: int, nr: int) -> int:
+    """Return the errno that a denied syscall fails with: ENOSYS for clone3, EPERM for the others.
+
+    glibc falls back to clone only when clone3 fails with ENOSYS. With EPERM,
+    thread creation and posix_spawn fail in a phase that lacks clone3.
+    """
+    return errno.ENOSYS if decision_key(audit_arch, nr) in _CLONE3_KEYS else errno.EPERM
+
+
 def decision_key(audit_arch: int, nr: int) -> int:
     """Combine an audit arch and a syscall number into one integer set key."""
     return (audit_arch << 32) | (nr & 0xFFFFFFFF)
@@ -127,3 +137,16 @@ def _complete(phase_lists: Mapping[Phase, Iterable[str]]) -> dict[Phase, frozens
     if missing:
         raise ValueError(f"the profile has no {', '.join(missing)} list; a notify profile needs all three phases")
     return {phase: frozenset(phase_lists[phase]) for phase in PHASES}
+
+
+def _clone3_keys() -> frozenset[int]:
+    keys = set()
+    for token, audit_arch in ARCHES.values():
+        try:
+            keys.add(decision_key(audit_arch, pyseccomp.resolve_syscall(token, "clone3")))
+        except ValueError:
+            continue
+    return frozenset(keys)
+
+
+_CLONE3_KEYS = _clone3_keys()

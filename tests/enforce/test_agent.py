@@ -15,6 +15,7 @@ import pytest
 from speaker.events import Phase
 from speaker.notify.policy import PhasePolicy
 from tests.enforce.conftest import LISTS
+from tests.enforce.target import NOTIFIED
 
 pytestmark = pytest.mark.system
 
@@ -41,6 +42,15 @@ def test_running_denies_booting_only(make_agent, make_target) -> None:
     target = make_target("c1")
     assert target.call("getppid")[1] == 0
     assert target.call("getpgid") == (-1, errno.EPERM)
+    assert target.call("sched_yield") == (-1, errno.EPERM)
+
+
+def test_denied_clone3_fails_with_enosys(make_agent, make_target) -> None:
+    # glibc falls back to clone only on ENOSYS; other denials stay EPERM.
+    agent = make_agent(shutdown_grace=0.0)
+    agent.set_phase("c1", Phase.RUNNING)
+    target = make_target("c1", names=(*NOTIFIED, "clone3"))
+    assert target.call("clone3") == (-1, errno.ENOSYS)
     assert target.call("sched_yield") == (-1, errno.EPERM)
 
 

@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 import uuid
+from datetime import datetime
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -354,6 +355,13 @@ def test_clean_life_has_no_violations(traced, image: str, tmp_path: Path) -> Non
     assert all(entry["reason"] for entry in changes)
     enforced = [entry["phase"] for entry in log if entry.get("event") == "phase_enforced"]
     assert enforced == ["running", "shutdown"]
+    # enforce.toml sets the phase machine's lag to 0s, so the shutdown list
+    # applies as soon as Docker's kill event arrives (with the tracing
+    # default of 1s, it came 1 s later).
+    kill = next(entry for entry in log if entry.get("event") == "container_event" and entry.get("action") == "kill")
+    shutdown = next(entry for entry in log if entry.get("event") == "phase_enforced" and entry["phase"] == "shutdown")
+    delay = datetime.fromisoformat(shutdown["timestamp"]) - datetime.fromisoformat(kill["timestamp"])
+    assert delay.total_seconds() < 0.8
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["total"] == 0
 
