@@ -23,9 +23,11 @@ Events are placed in three ways:
   enforcement allows the running list in every phase, so that extra entry
   never denies a call. The key's count goes mostly to its first phase and 1
   to each other, so counts are approximate where a key crosses a boundary;
-* a SyscallCounts without spans (the ebpf source, a trace log row): the whole
-  interval goes to its one phase, or to running when it straddles a
-  boundary;
+* a SyscallCounts without spans (the ebpf source outside the slot of a stop
+  signal, a trace log row): the whole interval goes to its one phase, or to
+  running when it straddles a boundary. In the slot of a stop signal the
+  ebpf source sets spans over the whole slot, so its syscalls go to both
+  running and shutdown;
 * a SyscallRecord: the phase of its time, one copy per phase in the tick of a
   kernel stop.
 """

@@ -9,8 +9,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from speaker.bpf.cgroups import CgroupNames
+from speaker.bpf.clock import wall_offset
 from speaker.bpf.output import CgroupSeen, SlotCount
 from speaker.bpf.program import STRING_LENGTH
+from speaker.bpf.signals import SignalSlots
 from speaker.events import SyscallCounts, SyscallKey
 
 #: Minimum seconds between two scans of the cgroup hierarchy for unknown ids.
@@ -27,9 +29,12 @@ class CountAttribution:
     counts the syscalls that were dropped after that.
     """
 
-    def __init__(self, names: CgroupNames, slot_ns: int, source: str, log: Any) -> None:
+    def __init__(
+        self, names: CgroupNames, slot_ns: int, source: str, log: Any, signal_slots: SignalSlots | None = None
+    ) -> None:
         self.names = names
         self.slot_ns = slot_ns
+        self.signal_slots = signal_slots or SignalSlots(slot_ns)
         self.source = source
         self.log = log
         #: Syscalls by outcome: ``counted`` (sent for a container), ``host``
@@ -120,17 +125,22 @@ class CountAttribution:
         # Slots are in CLOCK_MONOTONIC time, which bpftrace's nsecs reads.
         slot_seconds = self.slot_ns / 1e9
         now = time.monotonic()
-        wall_offset = time.time() - now
+        offset = wall_offset()
         events = []
         for slot in sorted(by_slot):
-            start = slot * slot_seconds
-            end = min(start + slot_seconds, now)
+            start = slot * slot_seconds + offset
+            end = min((slot + 1) * slot_seconds, now) + offset
+            counts = by_slot[slot]
+            spans = {}
+            if self.signal_slots.marked(container, slot):
+                spans = {key: (start, end) for key in counts}
             events.append(
                 SyscallCounts(
                     container_id=container,
-                    start_time=start + wall_offset,
-                    end_time=end + wall_offset,
-                    counts=by_slot[slot],
+                    start_time=start,
+                    end_time=end,
+                    counts=counts,
+                    spans=spans,
                     source=self.source,
                 )
             )

@@ -4,7 +4,8 @@ bpftrace 0.17 with ``-f json`` prints one object per line, and its ``type``
 is one of:
 
 * ``attached_probes``, once the probes are attached;
-* ``printf``, the program's own lines ``cgroup ID PATH`` and ``flush PERIOD NSECS``;
+* ``printf``, the program's own lines ``cgroup ID PATH``, ``flush PERIOD NSECS``
+  and ``signal SIG PID CODE NSECS SENDER_PID SENDER_COMM``;
 * ``map``, a printed map with its keys joined by commas;
 * ``cat``, the program's read of /proc/uptime after each clear;
 * ``helper_error``, a failed map update under ``-k``;
@@ -47,6 +48,22 @@ class FlushStarted:
 
     period: int
     kernel_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SignalSent:
+    """A signal that a process sent to another task, from the signal_generate tracepoint."""
+
+    signal: int
+    #: Host thread id of the receiving task; the process id when the signal went to a whole process.
+    pid: int
+    #: si_code: 0 (SI_USER), -1 (SI_QUEUE) or -6 (SI_TKILL).
+    code: int
+    #: Kernel time of the send, CLOCK_MONOTONIC in ns like the count slots.
+    kernel_ns: int
+    #: Host process id and command name of the sender.
+    sender_pid: int
+    sender_comm: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +113,17 @@ class OtherOutput:
     text: str
 
 
-Output = Attached | CgroupSeen | FlushStarted | CountsPrinted | ClearDone | HelperFailed | EventsLost | OtherOutput
+Output = (
+    Attached
+    | CgroupSeen
+    | FlushStarted
+    | SignalSent
+    | CountsPrinted
+    | ClearDone
+    | HelperFailed
+    | EventsLost
+    | OtherOutput
+)
 
 COUNT_MAPS = ("@counts0", "@counts1", "@counts2")
 
@@ -153,7 +180,20 @@ def _parse_printf(text: str) -> Output:
         return CgroupSeen(cgroup_id=int(fields[1]), path=fields[2])
     if fields[0] == "flush" and len(fields) == 3:
         return FlushStarted(period=int(fields[1]), kernel_ns=int(fields[2]))
+    if fields[0] == "signal":
+        return _parse_signal(text)
     return OtherOutput(kind="printf", text=text[:200])
+
+
+def _parse_signal(text: str) -> SignalSent:
+    # The sender's command name comes last because it may contain spaces.
+    fields = text.rstrip("\n").split(" ", 6)
+    if len(fields) != 7:
+        raise ValueError(f"expected 7 fields in a signal line, found {len(fields)}")
+    signal, pid, code, kernel_ns, sender_pid = (int(field) for field in fields[1:6])
+    return SignalSent(
+        signal=signal, pid=pid, code=code, kernel_ns=kernel_ns, sender_pid=sender_pid, sender_comm=fields[6]
+    )
 
 
 def _parse_map(data: Any, text: str) -> Output:

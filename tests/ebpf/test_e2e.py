@@ -8,7 +8,11 @@ filter, as audit sees them, and one counts everything (the default).
 
 What the test expects, and why:
 
-* All three find the same phases: started, listening, killed.
+* All three find the same phases: started, listening, and the kernel time
+  of the stop signal. The audit source reads it from its audit rule on
+  kill(2), the ebpf source from the signal_generate tracepoint, so the
+  shutdown boundaries agree to within a few milliseconds, the lag of the
+  audit clock.
 * The filtered ebpf lists equal the audit lists, up to syscalls near a
   boundary. Each pipeline decides the running boundary from its own process
   samples, so a syscall made within a sample interval of it may land on the
@@ -47,6 +51,12 @@ TRACE_WATCH = ROOT / "pipelines" / "trace-watch.toml"
 #: Time between two process samples of proc_sampler, which decides the
 #: listen boundary, plus scheduling slack.
 BOUNDARY_TOLERANCE = 1.0
+#: Range of the ebpf shutdown boundary minus the audit one, in seconds.
+#: Audit dates the kill(2) record with the kernel's coarse clock at syscall
+#: entry, which lags the exact time by up to a tick (4 ms at HZ=250) or
+#: somewhat more. The ebpf source takes the exact time of the send. Measured
+#: on a 2-core VM with HZ=250, 6 runs per server: 4.0 to 7.3 ms.
+SIGNAL_DIFFERENCE = (-0.002, 0.02)
 #: Syscalls that runc's init makes before it installs the seccomp filter and
 #: the demo servers never make, so only the unfiltered ebpf trace has them.
 RUNC_SETUP = {"pivot_root", "mount", "sethostname"}
@@ -193,16 +203,20 @@ def test_ebpf_and_audit_agree(server_name, demo_images, bpftrace_ready, is_root,
     assert audit.complete == (result.returncode == 0)
     for trace in (ebpf, ebpf_all):
         assert trace.complete
-    # The audit path dates shutdown from the kill(2) audit record of the
-    # stop signal ("signal"); the eBPF path from Docker's kill event ("kill").
-    for trace, stop_detector in ((audit, "signal"), (ebpf, "kill"), (ebpf_all, "kill")):
+    # Every trace dates the shutdown from the kernel's record of the stop
+    # signal, not from Docker's later kill event.
+    for trace in (audit, ebpf, ebpf_all):
         assert [(phase, detector) for phase, detector, _ in trace.phases] == [
             ("booting", "start"),
             ("running", "listen"),
-            ("shutdown", stop_detector),
+            ("shutdown", "signal"),
         ]
-    for (_, _, audit_time), (_, _, ebpf_time) in zip(audit.phases, ebpf.phases):
-        assert abs(audit_time - ebpf_time) <= BOUNDARY_TOLERANCE
+    for trace in (ebpf, ebpf_all):
+        for (_, _, audit_time), (_, _, ebpf_time) in zip(audit.phases[:2], trace.phases[:2]):
+            assert abs(audit_time - ebpf_time) <= BOUNDARY_TOLERANCE
+        audit_stop, ebpf_stop = audit.phases[2][2], trace.phases[2][2]
+        print(f"shutdown boundary, ebpf minus audit: {(ebpf_stop - audit_stop) * 1000:.2f} ms")
+        assert SIGNAL_DIFFERENCE[0] <= ebpf_stop - audit_stop <= SIGNAL_DIFFERENCE[1]
 
     # ebpf sees whatever audit sees. Audit may miss syscalls only when it
     # reports a loss: under load, classify cannot attribute the records of

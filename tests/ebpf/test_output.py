@@ -88,6 +88,8 @@ def test_map_full_capture_reports_failures_and_lost_events() -> None:
         b'{"type": "map", "data": {"@counts0": [1, 2]}}',
         b'{"type": "lost_events", "data": {}}',
         b'{"type": "printf", "data": "cgroup x /docker"}',
+        b'{"type": "printf", "data": "signal 15 18672 0 16418472305142\\n"}',
+        b'{"type": "printf", "data": "signal 15 pid 0 16418472305142 18650 bash\\n"}',
     ],
 )
 def test_invalid_line_raises_output_error(line: bytes) -> None:
@@ -104,3 +106,18 @@ def test_blank_line_is_skipped() -> None:
 def test_unknown_printf_is_other_output() -> None:
     parsed = bpf.parse_line('{"type": "printf", "data": "hello\\n"}')
     assert parsed == bpf.OtherOutput(kind="printf", text="hello\n")
+
+
+def test_signal_line_parsed() -> None:
+    # Printed by the program for `kill -TERM` from bash on the development VM.
+    parsed = bpf.parse_line('{"type": "printf", "data": "signal 15 18672 0 16418472305142 18650 bash\\n"}')
+    assert parsed == bpf.SignalSent(
+        signal=15, pid=18672, code=0, kernel_ns=16418472305142, sender_pid=18650, sender_comm="bash"
+    )
+
+
+def test_signal_sender_comm_keeps_spaces() -> None:
+    parsed = bpf.parse_line('{"type": "printf", "data": "signal 9 200 -6 1000 100 my worker\\n"}')
+    assert isinstance(parsed, bpf.SignalSent)
+    assert parsed.sender_comm == "my worker"
+    assert parsed.code == -6
