@@ -47,4 +47,4 @@ fi
 .venv/bin/pip install -q -e '.[dev,plot]'
 
 images/build.sh
-echo "Ready. Trace the demo redis image with: sudo .venv/bin/python -m speaker run pipelines/trace.toml"
+echo "Ready. Trace the demo redis image with: .venv/bin/python -m speaker run pipelines/trace.toml"

@@ -66,6 +66,8 @@ class PipelineResult:
     stop_reason: str
     failures: list[ComponentFailure]
     problems: list[str]
+    #: The problems that made the run fail (exit code 1), such as a crashed enforced container.
+    errors: list[str] = dataclasses.field(default_factory=list)
 
 
 class PipelineContext:
@@ -355,6 +357,7 @@ class Engine:
             stop_reason=self.stop_reason or "sources finished",
             failures=list(self.failures),
             problems=problems,
+            errors=[message for problem_code, message in self.problems if problem_code == ExitCode.FAILED],
         )
 
 

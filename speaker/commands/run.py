@@ -43,7 +43,7 @@ def handle(args: argparse.Namespace) -> int:
     for failure in result.failures:
         print(f"error: {failure.component} failed during {failure.during}: {failure.error}", file=sys.stderr)
     for problem in result.problems:
-        print(f"warning: {problem}", file=sys.stderr)
+        print(f"{'error' if problem in result.errors else 'warning'}: {problem}", file=sys.stderr)
     if result.exit_code == ExitCode.ABORTED:
         print(f"error: aborted ({result.stop_reason}); sinks may not have flushed", file=sys.stderr)
     if result.exit_code == ExitCode.INCOMPLETE and args.allow_loss:

@@ -31,8 +31,6 @@ from tests.enforce.test_e2e import (  # noqa: F401 - session fixtures shared wit
 
 pytestmark = pytest.mark.system
 
-#: What an enforce pipeline sets so that only the enforce stage reports a failed container.
-ENFORCE_REPORTING = ["--set", "sources.docker.report_exit=false", "--set", "stages.phases.report_not_ready=false"]
 #: Messages of the trace pipeline that must not appear in an enforced run.
 TRACE_MESSAGES = ("its profile is marked incomplete", "so its trace may end early")
 
@@ -55,7 +53,7 @@ def run_failing(tmp_path: Path, lists: Path) -> tuple[int, list[dict], str, str]
     name = f"{PREFIX}fail-{uuid.uuid4().hex[:6]}"
     try:
         args = enforce_args(tmp_path, "redis", lists, detector, name)
-        code, log, stderr = run_speaker("run", "pipelines/enforce.toml", *args, *ENFORCE_REPORTING, timeout=180)
+        code, log, stderr = run_speaker("run", "pipelines/enforce.toml", *args, timeout=180)
     finally:
         remove_container(name)
     return code, log, stderr, name
@@ -90,6 +88,8 @@ def test_denied_bind_crash_while_booting(traced, tmp_path: Path) -> None:
     )
     for message in TRACE_MESSAGES:
         assert message not in stderr
+    # The problem failed the run, so the last lines call it an error.
+    assert f"error: {problem}" in stderr.splitlines()
 
 
 def test_unlisted_listen_kills_with_sigsys(traced, tmp_path: Path) -> None:
@@ -110,5 +110,7 @@ def test_unlisted_listen_kills_with_sigsys(traced, tmp_path: Path) -> None:
     assert problem.endswith("; no violation was reported")
     for message in TRACE_MESSAGES:
         assert message not in stderr
+    # The problem failed the run, so the last lines call it an error.
+    assert f"error: {problem}" in stderr.splitlines()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["total"] == 0
