@@ -8,14 +8,17 @@ sentence per container that failed under enforcement:
 * an exit with code 159 (128 + SIGSYS): the kernel killed a process because
   of a seccomp rule, which is the filter's default action for a syscall that
   no phase list allows. The kernel applies it without notifying the
-  supervisor, so no Violation names that syscall. The kernel's audit log does;
+  supervisor. Only the kernel's audit record of the kill names the syscall;
 * any other non-zero exit before a stop was requested (Docker's kill or stop
   event, or the shutdown phase). Exit codes after a stop are the
   application's own, such as 137 after Docker's SIGKILL.
 
-TODO: a process other than init that the default action kills (a ``docker
-exec`` process) is not reported, because only the kernel's audit record of
-the kill names it, and no source reads those records during enforcement.
+A pipeline with an audit source and ``classify`` upstream (such as
+pipelines/enforce-audited.toml) also delivers the kernel's SECCOMP audit
+records. ``kill_violation`` turns each kill among them into a Violation with
+action ``killed``, so a killed ``docker exec`` process or server worker is
+reported too, and the message of a 159 exit names the syscall. Without those
+records, only the exit code of init shows a kill.
 """
 
 from __future__ import annotations
@@ -24,7 +27,17 @@ import collections
 import dataclasses
 import signal
 
-from speaker.events import ContainerAction, ContainerEvent, ContainerOutput, Event, Phase, PhaseChange, Violation
+from speaker.compile.actions import RET_KILL_PROCESS, RET_KILL_THREAD
+from speaker.events import (
+    ContainerAction,
+    ContainerEvent,
+    ContainerOutput,
+    Event,
+    Phase,
+    PhaseChange,
+    SyscallRecord,
+    Violation,
+)
 from speaker.launch.output import RecentLines
 
 #: Exit status of a process killed by SIGSYS, as Docker reports it (128 + 31 on x86_64).
@@ -33,6 +46,14 @@ SIGSYS_EXIT = 128 + signal.SIGSYS
 OUTPUT_LINES = 3
 #: Distinct (syscall, action, phase) entries that a message names before "and N more".
 NAMED_VIOLATIONS = 3
+#: SECCOMP_RET_ACTION_FULL: the action bits of an audit record's ``code``, without the errno or data bits.
+ACTION_MASK = 0xFFFF0000
+#: Actions whose audit record means that the kernel killed the caller
+#: (include/uapi/linux/seccomp.h: SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_KILL_THREAD).
+KILL_ACTIONS = frozenset({RET_KILL_PROCESS, RET_KILL_THREAD})
+#: Audit serials remembered per watch, to report a kill once when the phase
+#: machine sends its record in two phases (a call in the tick of a kernel stop).
+SEEN_SERIALS = 1024
 
 
 @dataclasses.dataclass
@@ -40,11 +61,15 @@ class _Life:
     """State of one enforced container: its phase, stop request, failed exits, violations and last output."""
 
     name: str = ""
+    #: True once a lifecycle event or phase change came for it, which makes it a container the stage enforces.
+    enforced: bool = False
     phase: Phase | None = None
     stop_requested: bool = False
     #: Failed exits, from Docker's die events: exit code, phase, and whether a stop came first.
     failures: list[tuple[int, Phase, bool]] = dataclasses.field(default_factory=list)
     violations: collections.Counter[tuple[str, str, str]] = dataclasses.field(default_factory=collections.Counter)
+    #: Syscalls of the kills that the kernel's audit records reported.
+    audit_kills: set[str] = dataclasses.field(default_factory=set)
     output: RecentLines = dataclasses.field(default_factory=lambda: RecentLines(OUTPUT_LINES))
 
 
@@ -62,6 +87,10 @@ class ExitWatch:
         self.violations_path = violations_path
         self.default_kills = default_kills
         self.lives: dict[str, _Life] = {}
+        #: Audit records that were not a kill in an enforced container, by reason, for one summary line.
+        self.ignored_records: collections.Counter[str] = collections.Counter()
+        self._seen_serials: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self._logged_kills: set[tuple[str, str, Phase]] = set()
 
     def _life(self, container_id: str) -> _Life:
         life = self.lives.get(container_id)
@@ -77,6 +106,7 @@ class ExitWatch:
             self._life(event.container_id).violations[(event.syscall, event.action, event.phase.value)] += 1
         elif isinstance(event, PhaseChange):
             life = self._life(event.container_id)
+            life.enforced = True
             life.phase = event.phase
         elif isinstance(event, ContainerOutput):
             self._life(event.container_id).output.add(event.stream, event.line)
@@ -85,6 +115,7 @@ class ExitWatch:
 
     def _lifecycle(self, event: ContainerEvent) -> None:
         life = self._life(event.container_id)
+        life.enforced = True
         if event.name:
             life.name = event.name
         if event.action is ContainerAction.STOP:
@@ -111,6 +142,56 @@ class ExitWatch:
                 violations=sum(life.violations.values()),
             )
 
+    def kill_violation(self, record: SyscallRecord) -> Violation | None:
+        """Turn an audit record of a kill in an enforced container into a Violation, and return None for other records.
+
+        Other records (LOG records of traced containers, ERRNO records, records
+        of containers the stage does not enforce) are counted in
+        ``ignored_records``. A kill already reported returns None too.
+        """
+        # TODO: the audit parser gives action 0 (SECCOMP_RET_KILL_THREAD) to a line that
+        # ends before ``code=`` too, so such a damaged record is reported as a kill.
+        if record.action & ACTION_MASK not in KILL_ACTIONS:
+            self.ignored_records["not_a_kill"] += 1
+            return None
+        life = self.lives.get(record.container_id)
+        if life is None or not life.enforced:
+            self.ignored_records["not_enforced"] += 1
+            return None
+        if record.serial:
+            key = (record.container_id, record.serial)
+            if key in self._seen_serials:
+                return None
+            self._seen_serials[key] = None
+            if len(self._seen_serials) > SEEN_SERIALS:
+                self._seen_serials.popitem(last=False)
+        phase = record.phase or life.phase or Phase.BOOTING
+        syscall = record.name or f"nr {record.nr}"
+        life.audit_kills.add(syscall)
+        if (record.container_id, syscall, phase) not in self._logged_kills:
+            self._logged_kills.add((record.container_id, syscall, phase))
+            self.log.warning(
+                "process_killed",
+                container=record.container_id[:12],
+                phase=phase.value,
+                syscall=syscall,
+                arch=record.arch,
+                pid=record.pid,
+                comm=record.comm,
+                action=hex(record.action),
+            )
+        return Violation(
+            container_id=record.container_id,
+            wall_time=record.record_time or record.wall_time,
+            phase=phase,
+            pid=record.pid,
+            comm=record.comm,
+            syscall=syscall,
+            arch=record.arch,
+            action="killed",
+            nr=record.nr,
+        )
+
     def problems(self) -> list[str]:
         """Return one message per container that crashed or was killed by SIGSYS under enforcement."""
         messages = []
@@ -124,7 +205,12 @@ class ExitWatch:
         when = "during shutdown" if phase is Phase.SHUTDOWN else f"while {phase.value}"
         parts = [f"container {name} exited with code {code} {when} under enforcement"]
         if code == SIGSYS_EXIT:
-            if self.default_kills:
+            if life.audit_kills:
+                parts.append(
+                    "a process was killed by SIGSYS because it made a syscall that no phase list allows; the "
+                    f"kernel's audit records name {', '.join(sorted(life.audit_kills))}"
+                )
+            elif self.default_kills:
                 parts.append(
                     "a process was killed by SIGSYS because it made a syscall that no phase list allows (the "
                     "filter's default action, which SPEAKER does not see); the kernel's audit log names the "

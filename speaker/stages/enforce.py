@@ -11,7 +11,7 @@ from speaker.component import Batch, Input, Output, Stage
 from speaker.engine import ExitCode
 from speaker.enforce_exits import ExitWatch
 from speaker.enforce_profile import compile_settings
-from speaker.events import CompiledFilter, ContainerEvent, ContainerOutput, Event, PhaseChange, Violation
+from speaker.events import CompiledFilter, ContainerEvent, ContainerOutput, Event, PhaseChange, SyscallRecord, Violation
 from speaker.kmod_backend import DENY_ACTIONS, KmodBackend, KmodSettings
 from speaker.kmod_driver import KmodOptions
 from speaker.notify.supervisor import NotifySupervisor, SupervisorOptions, check_supervisor_options
@@ -68,11 +68,16 @@ class Enforce(Stage):
     enforcement makes the pipeline fail (exit code 1) with one message that
     names its exit code, its phase and its violations (speaker.enforce_exits).
     ContainerOutput lines only feed the last output of that message.
+
+    SyscallRecords, which an audit source and ``classify`` upstream deliver
+    (pipelines/enforce-audited.toml), report the processes that the kernel
+    killed: each kill in an enforced container becomes a Violation with
+    action ``killed``, with either back end. Other records are dropped.
     """
 
     type_name = "enforce"
     Options = EnforceOptions
-    accepts = (PhaseChange, ContainerEvent, CompiledFilter, ContainerOutput)
+    accepts = (PhaseChange, ContainerEvent, CompiledFilter, ContainerOutput, SyscallRecord)
     emits = (Violation,)
 
     @classmethod
@@ -128,7 +133,10 @@ class Enforce(Stage):
 
     async def run(self, input: Input, output: Output) -> None:
         watch = ExitWatch(self.log, self._violations_path(), self.options.default_action == "kill-process")
-        await self._backend.run(WatchedInput(input, watch), WatchedOutput(output, watch))
+        watched_output = WatchedOutput(output, watch)
+        await self._backend.run(WatchedInput(input, watch, watched_output), watched_output)
+        if watch.ignored_records:
+            self.log.info("audit_records_ignored", **watch.ignored_records)
         for message in watch.problems():
             self.context.report_problem(ExitCode.FAILED, message)
 
@@ -157,28 +165,43 @@ def kmod_settings(options: EnforceOptions) -> KmodSettings:
 
 
 class WatchedInput(Input):
-    """The stage's input as passed to its back end: each event goes to ``watch`` first, and output lines stop there."""
+    """The stage's input as passed to its back end: each event goes to ``watch`` first.
 
-    def __init__(self, inner: Input, watch: ExitWatch) -> None:
+    Output lines and syscall records stop here. A record of a kill becomes a
+    Violation, which is sent to ``output`` before the back end receives the
+    rest of its batch.
+    """
+
+    def __init__(self, inner: Input, watch: ExitWatch, output: Output) -> None:
         self._inner = inner
         self._watch = watch
+        self._output = output
 
     async def _batches(self) -> AsyncIterator[Batch]:
         async for batch in self._inner:
-            selected = self._see(batch)
+            selected = await self._see(batch)
             if selected:
                 yield selected
 
     async def receive(self) -> Batch:
         while True:
-            selected = self._see(await self._inner.receive())
+            selected = await self._see(await self._inner.receive())
             if selected:
                 return selected
 
-    def _see(self, batch: Batch) -> Batch:
+    async def _see(self, batch: Batch) -> Batch:
+        kills = []
         for event in batch:
-            self._watch.observe(event)
-        return tuple(event for event in batch if not isinstance(event, ContainerOutput))
+            if isinstance(event, SyscallRecord):
+                violation = self._watch.kill_violation(event)
+                if violation is not None:
+                    kills.append(violation)
+            else:
+                self._watch.observe(event)
+        if kills:
+            await self._output.send_many(kills)
+            await self._output.flush()
+        return tuple(event for event in batch if not isinstance(event, (ContainerOutput, SyscallRecord)))
 
     def statistics(self) -> Any:
         return self._inner.statistics()

@@ -48,12 +48,14 @@ def edited_lists(profile: Path, directory: Path, drop: str, shutdown_only: bool)
     return directory
 
 
-def run_failing(tmp_path: Path, lists: Path) -> tuple[int, list[dict], str, str]:
+def run_failing(
+    tmp_path: Path, lists: Path, pipeline: str = "pipelines/enforce.toml"
+) -> tuple[int, list[dict], str, str]:
     detector, _, _ = SERVERS["redis"]
     name = f"{PREFIX}fail-{uuid.uuid4().hex[:6]}"
     try:
         args = enforce_args(tmp_path, "redis", lists, detector, name)
-        code, log, stderr = run_speaker("run", "pipelines/enforce.toml", *args, timeout=180)
+        code, log, stderr = run_speaker("run", pipeline, *args, timeout=180)
     finally:
         remove_container(name)
     return code, log, stderr, name

@@ -1,5 +1,9 @@
 """The enforce stage: option checks per back end, the kmod back end's programs, and its failure without the module.
 
+Kills from the kernel's audit records go through the stage with a back end
+that only records its input, because the conversion happens before either
+back end sees an event.
+
 The programs are checked by running them with speaker.compile.bpf, the
 interpreter of the kernel's classic BPF, not by asking libseccomp. The kmod
 back end's ioctls run in the qemu guest (tests/kmod/guest/suite.py,
@@ -15,13 +19,15 @@ from pathlib import Path
 import anyio
 import pytest
 import structlog
+import structlog.testing
 
 from speaker.compile.arches import syscall_table
 from speaker.compile.bpf import action_for, parse_program
+from speaker.component import Input, Output, Route
 from speaker.config import ConfigError, load_pipeline
-from speaker.engine import ExitCode, run_pipeline
+from speaker.engine import Engine, ExitCode, run_pipeline
 from speaker.enforce_profile import compile_settings
-from speaker.events import ContainerAction, ContainerEvent, Phase, PhaseChange
+from speaker.events import ContainerAction, ContainerEvent, Phase, PhaseChange, SyscallRecord, Violation
 from speaker.kmod_backend import DENY_ACTIONS, KmodBackend, KmodSettings, compile_kmod_programs
 from speaker.kmod_driver import KmodOptions
 from speaker.notify.supervisor import SupervisorOptions
@@ -74,7 +80,7 @@ def validate(*overrides: str) -> None:
     load_pipeline(ROOT / "pipelines" / "enforce.toml", overrides)
 
 
-@pytest.mark.parametrize("pipeline", ["enforce.toml", "enforce-watch.toml"])
+@pytest.mark.parametrize("pipeline", ["enforce.toml", "enforce-watch.toml", "enforce-audited.toml"])
 @pytest.mark.parametrize("backend", ["notify", "kmod"])
 def test_pipelines_validate_with_backend(pipeline: str, backend: str) -> None:
     spec = load_pipeline(ROOT / "pipelines" / pipeline, [f"stages.enforce.backend={backend}"])
@@ -257,3 +263,82 @@ def test_settings_follow_options() -> None:
     assert str(settings.deny) == "kill-process"
     assert str(settings.compile.default_action) == "errno:EACCES"
     assert settings.running_margin == 0.5
+
+
+# --- Kills from the kernel's audit records, through the stage ------------------------
+
+
+class RecordingBackend:
+    """Stands in for a back end's run loop, which both back ends share: read every batch, emit nothing."""
+
+    def __init__(self) -> None:
+        self.received: list[object] = []
+
+    async def run(self, input: Input, output: Output) -> None:
+        async for batch in input:
+            self.received.extend(batch)
+
+    async def teardown(self) -> None:
+        pass
+
+
+def kill_record(container: str, action: int, serial: int, phase: Phase = Phase.RUNNING) -> SyscallRecord:
+    return SyscallRecord(
+        container_id=container, pid=4242, comm="perl", arch="x86_64", nr=153, name="vhangup",
+        action=action, serial=serial, record_time=1700000000.5, phase=phase,
+    )  # fmt: skip
+
+
+async def run_stage(backend_name: str, events: list[object]) -> tuple[list[object], list[Violation], list[str]]:
+    """Run the enforce stage of enforce-audited.toml over ``events`` with a recording back end.
+
+    Return what the back end received, the Violations the stage emitted and the problems it reported.
+    """
+    spec = load_pipeline(ROOT / "pipelines" / "enforce-audited.toml", [f"stages.enforce.backend={backend_name}"])
+    engine = Engine(spec, handle_signals=False)
+    engine.build()
+    stage = engine.components["enforce"]
+    backend = RecordingBackend()
+    stage._backend = backend  # type: ignore[attr-defined]
+    send, receive = anyio.create_memory_object_stream[tuple](10)
+    out_send, out_receive = anyio.create_memory_object_stream[tuple](10)
+    output = Output("enforce", [Route("violations", out_send, (Violation,), False)], 100, stage.log)
+    for event in events:
+        await send.send((event,))
+    await send.aclose()
+    await stage.run(Input(receive), output)  # type: ignore[arg-type]
+    await output.aclose()
+    emitted = [event async for batch in out_receive for event in batch]
+    return backend.received, emitted, [message for _, message in engine.problems]
+
+
+@pytest.mark.parametrize("backend", ["notify", "kmod"])
+def test_kill_records_become_violations(backend: str) -> None:
+    enforced, other = "c0ffee" * 8, "beef" * 16
+    start = ContainerEvent(container_id=enforced, action=ContainerAction.START, name="spk-p-x", pid=10)
+    running = PhaseChange(container_id=enforced, phase=Phase.RUNNING, previous=Phase.BOOTING)
+    records = [
+        kill_record(enforced, 0x80000000, serial=1),
+        kill_record(enforced, 0x80000000, serial=1, phase=Phase.SHUTDOWN),  # the same record in a second phase
+        kill_record(enforced, 0x7FFC0000, serial=2),  # SECCOMP_RET_LOG
+        kill_record(enforced, 0x00050001, serial=3),  # SECCOMP_RET_ERRNO | EPERM
+        kill_record(other, 0x80000000, serial=4),
+        kill_record(enforced, 0x00000000, serial=5),  # SECCOMP_RET_KILL_THREAD
+    ]
+    die = ContainerEvent(container_id=enforced, action=ContainerAction.DIE, name="spk-p-x", exit_code=159)
+    with structlog.testing.capture_logs() as logs:
+        received, emitted, problems = anyio.run(run_stage, backend, [start, running, *records, die])
+
+    # The back end receives no syscall record.
+    assert received == [start, running, die]
+    assert [(v.container_id, v.syscall, v.phase, v.action, v.pid, v.comm, v.arch, v.nr) for v in emitted] == [
+        (enforced, "vhangup", Phase.RUNNING, "killed", 4242, "perl", "x86_64", 153),
+    ] * 2
+    (problem,) = problems
+    assert "the kernel's audit records name vhangup; " in problem
+    assert "2 violations were reported (vhangup killed in running 2 times)" in problem
+    kills = [entry for entry in logs if entry["event"] == "process_killed"]
+    assert len(kills) == 1
+    (ignored,) = [entry for entry in logs if entry["event"] == "audit_records_ignored"]
+    assert ignored["not_a_kill"] == 2
+    assert ignored["not_enforced"] == 1

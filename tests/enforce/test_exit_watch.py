@@ -3,19 +3,23 @@
 Also the enforce stage's warning about upstream components that would report
 the same failure as an incomplete trace.
 
-The real containers behind these cases run in test_e2e_failures.py; here the
-events are built by hand so that every branch is covered.
+The real containers behind these cases run in test_e2e_failures.py and
+test_e2e_audited.py; here the events are built by hand so that every branch
+is covered.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import structlog
 import structlog.testing
 
 from speaker.config import load_pipeline
 from speaker.engine import Engine
 from speaker.enforce_exits import SIGSYS_EXIT, ExitWatch
-from speaker.events import ContainerAction, ContainerEvent, ContainerOutput, Phase, PhaseChange, Violation
+from speaker.events import ContainerAction, ContainerEvent, ContainerOutput, Phase, PhaseChange, SyscallRecord, Violation
 from tests.conftest import ROOT
 
 CONTAINER = "c0ffee" * 8
@@ -133,3 +137,117 @@ def test_upstream_tracing_reports_warned() -> None:
 
 def test_upstream_tracing_reports_off() -> None:
     assert upstream_warnings("sources.docker.report_exit=false", "stages.phases.report_not_ready=false") == []
+
+
+# --- Kills from the kernel's audit records -------------------------------------
+
+#: Audit ``code`` values: SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_KILL_THREAD,
+#: SECCOMP_RET_LOG, SECCOMP_RET_ERRNO with errno 1, SECCOMP_RET_USER_NOTIF.
+KILL_PROCESS, KILL_THREAD, LOG, ERRNO_EPERM, USER_NOTIF = 0x80000000, 0x0, 0x7FFC0000, 0x00050001, 0x7FC00000
+
+
+def record(
+    action: int, container: str = CONTAINER, serial: int = 7, phase: Phase | None = Phase.RUNNING
+) -> SyscallRecord:
+    return SyscallRecord(
+        container_id=container,
+        pid=4242,
+        comm="perl",
+        arch="x86_64",
+        nr=153,
+        name="vhangup",
+        action=action,
+        serial=serial,
+        record_time=1700000000.5,
+        phase=phase,
+    )
+
+
+def started_watch() -> ExitWatch:
+    watch = ExitWatch(structlog.get_logger("test"), "out/enforce/violations.jsonl")
+    watch.observe(ContainerEvent(container_id=CONTAINER, action=ContainerAction.START, name="spk-x", pid=10))
+    watch.observe(PhaseChange(container_id=CONTAINER, phase=Phase.RUNNING, previous=Phase.BOOTING))
+    return watch
+
+
+@pytest.mark.parametrize("action", [KILL_PROCESS, KILL_THREAD])
+def test_kill_record_becomes_violation(action: int) -> None:
+    violation = started_watch().kill_violation(record(action))
+    assert violation is not None
+    assert dataclasses.replace(violation, mono_time=0.0) == Violation(
+        container_id=CONTAINER,
+        wall_time=1700000000.5,
+        mono_time=0.0,
+        phase=Phase.RUNNING,
+        pid=4242,
+        comm="perl",
+        syscall="vhangup",
+        arch="x86_64",
+        action="killed",
+        nr=153,
+    )
+
+
+@pytest.mark.parametrize("action", [LOG, ERRNO_EPERM, USER_NOTIF])
+def test_other_actions_ignored(action: int) -> None:
+    watch = started_watch()
+    with structlog.testing.capture_logs() as logs:
+        assert watch.kill_violation(record(action)) is None
+    assert logs == []
+    assert watch.ignored_records == {"not_a_kill": 1}
+
+
+def test_kill_in_other_container_ignored() -> None:
+    watch = started_watch()
+    assert watch.kill_violation(record(KILL_PROCESS, container="beef" * 16)) is None
+    assert watch.ignored_records == {"not_enforced": 1}
+
+
+def test_kill_in_two_phases_reported_once() -> None:
+    # The phase machine sends a record from the tick of a kernel stop once
+    # per phase; both copies have the record's audit serial.
+    watch = started_watch()
+    first = watch.kill_violation(record(KILL_PROCESS))
+    second = watch.kill_violation(record(KILL_PROCESS, phase=Phase.SHUTDOWN))
+    assert first is not None
+    assert first.phase is Phase.RUNNING
+    assert second is None
+    assert watch.kill_violation(record(KILL_PROCESS, serial=8)) is not None
+
+
+def test_kill_without_phase_takes_current() -> None:
+    violation = started_watch().kill_violation(record(KILL_PROCESS, phase=None))
+    assert violation is not None
+    assert violation.phase is Phase.RUNNING
+
+
+def test_kill_logged_once_per_syscall_and_phase() -> None:
+    watch = started_watch()
+    with structlog.testing.capture_logs() as logs:
+        for serial in range(1, 6):
+            watch.kill_violation(record(KILL_PROCESS, serial=serial))
+    assert [(entry["event"], entry["syscall"], entry["phase"]) for entry in logs] == [
+        ("process_killed", "vhangup", "running")
+    ]
+
+
+def test_sigsys_exit_names_audited_kill() -> None:
+    watch = started_watch()
+    violation = watch.kill_violation(record(KILL_PROCESS))
+    assert violation is not None
+    watch.observe(violation)
+    watch.observe(die(SIGSYS_EXIT))
+    (problem,) = watch.problems()
+    assert problem == (
+        "container spk-x exited with code 159 while running under enforcement; a process was killed by SIGSYS "
+        "because it made a syscall that no phase list allows; the kernel's audit records name vhangup; "
+        "1 violation was reported (vhangup killed in running); see out/enforce/violations.jsonl"
+    )
+
+
+def test_sigsys_exit_ignores_supervisor_kills() -> None:
+    # A Violation "killed" from the supervisor (deny_action = "kill") ends
+    # its process with SIGKILL, so it does not explain a SIGSYS exit.
+    (problem,) = watch_life(violation("bind", action="killed"), die(SIGSYS_EXIT))
+    assert "ausearch -m SECCOMP" in problem
+    assert "audit records name" not in problem
