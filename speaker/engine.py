@@ -70,6 +70,16 @@ class PipelineResult:
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
+#: Problem exit codes from least to most severe: when a run has several, it
+#: exits with the most severe, so a crashed enforced container (FAILED) is not
+#: hidden by an audit loss on the host (INCOMPLETE).
+PROBLEM_SEVERITY = (ExitCode.OK, ExitCode.INCOMPLETE, ExitCode.VIOLATIONS, ExitCode.FAILED)
+
+
+def _severity(code: ExitCode) -> int:
+    return PROBLEM_SEVERITY.index(code) if code in PROBLEM_SEVERITY else len(PROBLEM_SEVERITY) + int(code)
+
+
 class PipelineContext:
     """The engine as one component sees it: stop requests and result reporting."""
 
@@ -348,7 +358,7 @@ class Engine:
         elif self.failures:
             code = ExitCode.FAILED
         elif self.problems:
-            code = max(code for code, _ in self.problems)
+            code = max((code for code, _ in self.problems), key=_severity)
         else:
             code = ExitCode.OK
         self.log.info("pipeline_finished", exit_code=int(code), reason=self.stop_reason or "sources finished")

@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 
 from speaker.component import Batch, Output, Sink, Source, Stage
+from speaker.engine import ExitCode
 from speaker.events import Event, PhaseChange, SyscallRecord
 from speaker.options import Duration, option
 
@@ -166,3 +167,22 @@ class BrokenInitSink(Sink):
 
     def __init__(self, *args: object) -> None:
         raise ValueError("constructor failed on purpose")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemSinkOptions:
+    code: int = option(3, help="Exit code of the problem the sink reports at teardown.")
+
+
+class ProblemSink(Sink):
+    """Report one problem with exit code ``code`` when the pipeline ends."""
+
+    type_name = "problem_sink"
+    Options = ProblemSinkOptions
+    accepts = (Event,)
+
+    async def write_batch(self, batch: Batch) -> None:
+        pass
+
+    async def flush(self) -> None:
+        self.context.report_problem(ExitCode(self.options.code), f"problem with exit code {self.options.code}")

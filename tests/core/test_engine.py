@@ -100,6 +100,25 @@ log_path = "{received_log}"
     assert elapsed >= 1.4
 
 
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [((3, 1), 1), ((1, 3), 1), ((3, 4), 4), ((4, 1), 1), ((3, 3), 3)],
+)
+def test_most_severe_problem_sets_exit_code(tmp_path: Path, codes: tuple[int, int], expected: int) -> None:
+    # A failure (1) outranks violations (4), which outrank an incomplete result (3).
+    sinks = "".join(
+        f'\n[sinks.p{index}]\ntype = "tests.core.components:ProblemSink"\ninputs = ["gen"]\ncode = {code}\n'
+        for index, code in enumerate(codes)
+    )
+    pipeline = write_pipeline(tmp_path / "p.toml", f'[sources.gen]\ntype = "synthetic"\ncount = 10\n{sinks}')
+    result = run_cli("run", str(pipeline))
+    assert result.returncode == expected, result.stderr
+    lines = result.stderr.splitlines()
+    for code in codes:
+        label = "error" if code == 1 else "warning"
+        assert f"{label}: p{codes.index(code)}: problem with exit code {code}" in lines
+
+
 def test_fan_out_to_two_sinks(tmp_path: Path) -> None:
     first = tmp_path / "first.jsonl"
     second = tmp_path / "second.jsonl"
