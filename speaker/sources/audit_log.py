@@ -16,6 +16,7 @@ from speaker.audit.follow import AuditLogFollower, Chunk, NotRegularFileError, S
 from speaker.audit.kernel import KERNEL_LOST_DETAIL, SERIAL_GAP_DETAIL, KernelAudit
 from speaker.audit.marker import DrainMarker
 from speaker.audit.serials import SerialTracker
+from speaker.audit.source_options import AuditSourceOptions
 from speaker.component import Output, Source
 from speaker.errors import ComponentError
 from speaker.events import Event, RecordLoss, SignalRecord, SyscallCounts, SyscallRecord
@@ -23,7 +24,7 @@ from speaker.options import ByteSize, Duration, option
 
 
 @dataclasses.dataclass(frozen=True)
-class AuditLogOptions:
+class AuditLogOptions(AuditSourceOptions):
     path: Path = option(Path("/var/log/audit/audit.log"), help="auditd's log file (log_file in auditd.conf).")
     start: Literal["end", "beginning"] = option(
         "end",
@@ -46,37 +47,10 @@ class AuditLogOptions:
         help="Time between two checks for new lines at the end of the file, so records read reach the pipeline "
         "at least this often (the same option as audit_netlink's).",
     )
-    adjust_kernel: bool = option(
-        True,
-        help="Raise the kernel's audit backlog and lift its rate limit for the trace, restoring both afterwards "
-        "(needs CAP_AUDIT_CONTROL).",
-    )
-    backlog_limit: int = option(
-        8192, min=64, help="Audit backlog, in records, while tracing; a larger current value is kept."
-    )
-    stop_signals: bool = option(
-        True,
-        help="Load an audit rule that records kill, tkill, tgkill and pidfd_send_signal calls (except signal 0 "
-        "and SIGURG) while tracing, and emit a SignalRecord for each, so that the shutdown starts at the "
-        "kernel time of the stop signal instead of Docker's later kill event (needs CAP_AUDIT_CONTROL, and "
-        "enables audit if it is disabled and adjust_kernel is true). While loaded, the rule makes every "
-        "syscall on the host slower, by about 0.3 to 1 µs on a 2-core test VM.",
-    )
-    gap_grace: Duration = option(
-        Duration.parse("2s"),
-        help="Time a missing serial number may stay missing (records can arrive out of order) before it counts as lost.",
-    )
     drain_timeout: Duration = option(
         Duration.parse("5s"),
         help="Maximum time to keep reading after a stop request, until a marker record made at the stop appears "
         "in the log (or, where no marker can be made, until two polls find nothing new).",
-    )
-    lost_check_interval: Duration = option(
-        Duration.parse("1s"), min=0.1, help="Time between two reads of the kernel's lost-record counter."
-    )
-    records: bool = option(
-        False,
-        help="Also emit one SyscallRecord per record, with comm, exe and serial. Parsing is about ten times slower.",
     )
 
 

@@ -14,6 +14,7 @@ from speaker.audit.marker import DrainMarker
 from speaker.audit.netlink import open_multicast, receive_buffer_size
 from speaker.audit.reader import MulticastReader
 from speaker.audit.serials import SerialTracker
+from speaker.audit.source_options import AuditSourceOptions
 from speaker.component import Output, Source
 from speaker.errors import ComponentError
 from speaker.events import Event, RecordLoss, SignalRecord, SyscallCounts, SyscallRecord
@@ -24,7 +25,7 @@ _PARSE_PIECE = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
-class AuditNetlinkOptions:
+class AuditNetlinkOptions(AuditSourceOptions):
     receive_buffer: ByteSize = option(
         ByteSize.parse("64MiB"),
         help="Receive buffer of the audit socket, set with SO_RCVBUFFORCE (or SO_RCVBUF, capped at "
@@ -36,43 +37,16 @@ class AuditNetlinkOptions:
         help="Maximum bytes of records read but not yet parsed. When full, reading pauses and the socket "
         "buffer fills, so any loss shows up as ENOBUFS.",
     )
-    adjust_kernel: bool = option(
-        True,
-        help="Raise the kernel's audit backlog and lift its rate limit for the trace, restoring both afterwards "
-        "(needs CAP_AUDIT_CONTROL).",
-    )
-    backlog_limit: int = option(
-        8192, min=64, help="Audit backlog, in records, while tracing; a larger current value is kept."
-    )
-    stop_signals: bool = option(
-        True,
-        help="Load an audit rule that records kill, tkill, tgkill and pidfd_send_signal calls (except signal 0 "
-        "and SIGURG) while tracing, and emit a SignalRecord for each, so that the shutdown starts at the "
-        "kernel time of the stop signal instead of Docker's later kill event (needs CAP_AUDIT_CONTROL, and "
-        "enables audit if it is disabled and adjust_kernel is true). While loaded, the rule makes every "
-        "syscall on the host slower, by about 0.3 to 1 µs on a 2-core test VM.",
-    )
     flush_interval: Duration = option(
         Duration.parse("100ms"),
         min=0.01,
         max=0.1,
         help="Time between two SyscallCounts events, which count the records read in between.",
     )
-    gap_grace: Duration = option(
-        Duration.parse("2s"),
-        help="Time a missing serial number may stay missing (records can arrive out of order) before it counts as lost.",
-    )
     drain_timeout: Duration = option(
         Duration.parse("5s"),
         help="Maximum time to keep reading after a stop request, until a marker record made at the stop arrives "
         "(or, where no marker can be made, until the socket has been empty for 100 ms).",
-    )
-    lost_check_interval: Duration = option(
-        Duration.parse("1s"), min=0.1, help="Time between two reads of the kernel's lost-record counter."
-    )
-    records: bool = option(
-        False,
-        help="Also emit one SyscallRecord per record, with comm, exe and serial. Parsing is about ten times slower.",
     )
 
 
