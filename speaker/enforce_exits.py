@@ -77,8 +77,8 @@ class ExitWatch:
     """Exits and violations of the containers that an enforce stage receives events of.
 
     ``violations_path`` is the file a violations sink writes, named in the
-    messages, or empty when the pipeline has none. ``default_kills`` says
-    whether the filter's default action kills the process (``kill-process``),
+    messages, or empty when the pipeline has none. ``default_kills`` is true when
+    the filter's default action kills the process (``kill-process``),
     which makes SIGSYS the sign of an unlisted syscall.
     """
 
@@ -99,7 +99,7 @@ class ExitWatch:
         return life
 
     def observe(self, event: Event) -> None:
-        """Record what one event, received or emitted by the stage, tells about its container."""
+        """Record the state change of its container that one event, received or emitted by the stage, carries."""
         if not event.container_id:
             return
         if isinstance(event, Violation):
